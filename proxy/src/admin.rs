@@ -1,0 +1,97 @@
+//! The admin server (default 127.0.0.1:15000): `/ready`, `/live`,
+//! `/metrics` (Prometheus text), `/config` (effective config as JSON) and
+//! `/certs` (our identity and certificate expiry).
+
+use std::convert::Infallible;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+use crate::body::{self, ProxyBody};
+use crate::sidecar::Ctx;
+
+pub(crate) async fn serve(ctx: Arc<Ctx>, listener: TcpListener) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let ctx2 = ctx.clone();
+        ctx.spawn(async move {
+            let svc = hyper::service::service_fn(move |req| {
+                let ctx = ctx2.clone();
+                async move { Ok::<_, Infallible>(handle(&ctx, req)) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+fn handle(ctx: &Ctx, req: Request<Incoming>) -> Response<ProxyBody> {
+    match req.uri().path() {
+        "/live" => text(StatusCode::OK, "live\n".into()),
+        "/ready" => {
+            if ctx.ready.load(Ordering::Acquire) {
+                text(StatusCode::OK, "ready\n".into())
+            } else {
+                text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n".into())
+            }
+        }
+        "/metrics" => {
+            let mut r = text(StatusCode::OK, ctx.metrics.encode());
+            r.headers_mut().insert(
+                "content-type",
+                http::HeaderValue::from_static(
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
+            );
+            r
+        }
+        "/config" => {
+            let cfg = serde_json::json!({
+                "sidecar": ctx.effective,
+                "mesh": &**ctx.mesh.load(),
+            });
+            json(&cfg)
+        }
+        "/certs" => {
+            let not_after = ctx
+                .tls
+                .not_after()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map(|d| d.as_secs());
+            json(&serde_json::json!({
+                "identity": ctx.tls.identity().to_string(),
+                "trust_domain": ctx.tls.trust_domain(),
+                "not_after_unix": not_after,
+            }))
+        }
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found; try /ready /live /metrics /config /certs\n".into(),
+        ),
+    }
+}
+
+fn text(status: StatusCode, body: String) -> Response<ProxyBody> {
+    let mut r = Response::new(body::full(body));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert("content-type", http::HeaderValue::from_static("text/plain"));
+    r
+}
+
+fn json(v: &serde_json::Value) -> Response<ProxyBody> {
+    let body = serde_json::to_string_pretty(v).unwrap_or_default() + "\n";
+    let mut r = Response::new(body::full(body));
+    r.headers_mut().insert(
+        "content-type",
+        http::HeaderValue::from_static("application/json"),
+    );
+    r
+}

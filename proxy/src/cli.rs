@@ -1,0 +1,155 @@
+//! Command-line interface of the `weft` binary: `sidecar`, `check`, `demo`.
+//! Every sidecar flag is also an environment variable `WEFT_<FLAG>` and can
+//! come from a flag file given as `@path` (see [`crate::argfile`]).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::mesh::Mesh;
+use crate::sidecar::{IdentitySource, Limits, SidecarConfig};
+
+#[derive(Debug, Parser)]
+#[command(name = "weft", version, about = "Weft: a service mesh whose sidecars talk QUIC with mutual TLS")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a sidecar next to one service instance.
+    Sidecar(SidecarArgs),
+    /// Validate a mesh file; exits non-zero and lists every error.
+    Check {
+        #[arg(long, env = "WEFT_MESH", value_name = "FILE")]
+        mesh: PathBuf,
+    },
+    /// Run a CA, three services and their sidecars on loopback, send traffic, print a summary.
+    Demo {
+        /// Stop after this many seconds (exit 0 only if all traffic succeeded); default: run until Ctrl-C.
+        #[arg(long, value_name = "SECS")]
+        duration: Option<u64>,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct SidecarArgs {
+    /// Mesh file (TOML) shared by all sidecars.
+    #[arg(long, env = "WEFT_MESH", value_name = "FILE")]
+    pub mesh: PathBuf,
+    /// Directory with cert.pem, key.pem and bundle.pem (from `weft-ca issue`, cert-manager or SPIRE).
+    #[arg(long, env = "WEFT_CERT_DIR", value_name = "DIR", conflicts_with = "ca")]
+    pub cert_dir: Option<PathBuf>,
+    /// URL of `weft-ca serve`, to get a certificate by CSR (e.g. https://127.0.0.1:8443).
+    #[arg(long, env = "WEFT_CA", value_name = "URL", requires_all = ["ca_bundle", "token_file"])]
+    pub ca: Option<String>,
+    /// Trust bundle (PEM) that verifies the CA's HTTPS certificate.
+    #[arg(long, env = "WEFT_CA_BUNDLE", value_name = "FILE")]
+    pub ca_bundle: Option<PathBuf>,
+    /// File holding the join token from `weft-ca token`.
+    #[arg(long, env = "WEFT_TOKEN_FILE", value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    /// The SPIFFE ID this sidecar expects to be issued (checked against the CA's answer).
+    #[arg(long, env = "WEFT_SPIFFE_ID", value_name = "ID")]
+    pub spiffe_id: Option<String>,
+    /// UDP address of the inbound QUIC endpoint.
+    #[arg(long, env = "WEFT_INBOUND", value_name = "ADDR", default_value = "0.0.0.0:15008")]
+    pub inbound: SocketAddr,
+    /// Admin HTTP address (/ready /live /metrics /config /certs).
+    #[arg(long, env = "WEFT_ADMIN", value_name = "ADDR", default_value = "127.0.0.1:15000")]
+    pub admin: SocketAddr,
+    /// The local app that inbound traffic is forwarded to.
+    #[arg(long, env = "WEFT_APP", value_name = "ADDR")]
+    pub app: Option<SocketAddr>,
+    /// SERVICE=ADDR: a local TCP listener the app uses to reach SERVICE (repeatable).
+    #[arg(long = "upstream", env = "WEFT_UPSTREAM", value_name = "SERVICE=ADDR", value_delimiter = ',', value_parser = parse_upstream)]
+    pub upstreams: Vec<(String, SocketAddr)>,
+    /// Largest header section accepted from apps and peers, in bytes.
+    #[arg(long, env = "WEFT_MAX_HEADER_BYTES", default_value_t = Limits::default().max_header_bytes)]
+    pub max_header_bytes: usize,
+    /// Concurrent streams a peer may open on one QUIC connection.
+    #[arg(long, env = "WEFT_MAX_STREAMS_PER_CONNECTION", default_value_t = Limits::default().max_streams_per_connection)]
+    pub max_streams_per_connection: u32,
+    /// Concurrent inbound QUIC connections.
+    #[arg(long, env = "WEFT_MAX_CONNECTIONS", default_value_t = Limits::default().max_connections)]
+    pub max_connections: usize,
+}
+
+fn parse_upstream(s: &str) -> Result<(String, SocketAddr), String> {
+    let (svc, addr) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected SERVICE=ADDR, e.g. payment=127.0.0.1:9001, got {s:?}"))?;
+    let addr = addr
+        .parse()
+        .map_err(|e| format!("{addr:?} is not an ip:port address: {e}"))?;
+    Ok((svc.to_string(), addr))
+}
+
+impl SidecarArgs {
+    /// Read the files the flags name and build the sidecar configuration.
+    pub fn into_config(self) -> Result<SidecarConfig, String> {
+        let mesh = Mesh::load(&self.mesh).map_err(|e| format!("invalid mesh file:\n{e}"))?;
+        let read = |p: &PathBuf, what: &str| {
+            std::fs::read_to_string(p).map_err(|e| format!("reading {what} {}: {e}", p.display()))
+        };
+        let identity = match (&self.cert_dir, &self.ca) {
+            (Some(dir), None) => IdentitySource::CertDir(dir.clone()),
+            (None, Some(url)) => {
+                // clap's `requires_all` guarantees both are present.
+                let bundle = self.ca_bundle.as_ref().ok_or("--ca needs --ca-bundle")?;
+                let token = self.token_file.as_ref().ok_or("--ca needs --token-file")?;
+                IdentitySource::Ca {
+                    url: url.clone(),
+                    bundle_pem: read(bundle, "--ca-bundle")?,
+                    token: read(token, "--token-file")?.trim().to_string(),
+                    expect_id: self.spiffe_id.clone(),
+                }
+            }
+            _ => return Err("give either --cert-dir DIR or --ca URL (with --ca-bundle and --token-file)".into()),
+        };
+        Ok(SidecarConfig {
+            mesh,
+            identity,
+            inbound: self.inbound,
+            admin: self.admin,
+            app: self.app,
+            upstreams: self.upstreams,
+            limits: Limits {
+                max_header_bytes: self.max_header_bytes,
+                max_streams_per_connection: self.max_streams_per_connection,
+                max_connections: self.max_connections,
+            },
+        })
+    }
+}
+
+/// Wait for Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+/// The duration given to `weft demo --duration`.
+pub fn demo_duration(secs: Option<u64>) -> Option<Duration> {
+    secs.map(Duration::from_secs)
+}

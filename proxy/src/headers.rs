@@ -1,0 +1,70 @@
+//! Header rules at the mesh boundary: hop-by-hop fields (RFC 9110 §7.6.1)
+//! are not forwarded, and `x-weft-peer-id` is only ever set by a sidecar.
+
+use http::header::{HeaderMap, HeaderName, CONNECTION, HOST};
+
+/// The caller's SPIFFE ID, as the inbound sidecar tells its app.
+pub const PEER_ID: &str = "x-weft-peer-id";
+
+/// Fields that only ever describe one hop (RFC 9110 §7.6.1, plus the
+/// de-facto `keep-alive` and `proxy-connection`).
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Remove hop-by-hop fields, including every field the `Connection` header
+/// names, and any `x-weft-peer-id` a caller tried to set.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    // `TE: trailers` is the one TE value HTTP/2 and HTTP/3 allow; the body
+    // codecs handle trailers end to end, so it need not be forwarded either.
+    for name in named {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(*name);
+    }
+    headers.remove(PEER_ID);
+}
+
+/// Remove `Host`: on HTTP/3 the target is `:authority`.
+pub fn strip_host(headers: &mut HeaderMap) {
+    headers.remove(HOST);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_hop_by_hop_and_connection_named_fields() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", "keep-alive, x-secret".parse().unwrap());
+        h.insert("keep-alive", "timeout=5".parse().unwrap());
+        h.insert("x-secret", "1".parse().unwrap());
+        h.insert("transfer-encoding", "chunked".parse().unwrap());
+        h.insert("upgrade", "websocket".parse().unwrap());
+        h.insert("te", "trailers".parse().unwrap());
+        h.insert(PEER_ID, "spiffe://evil/forged".parse().unwrap());
+        h.insert("x-keep", "yes".parse().unwrap());
+        h.insert("content-type", "text/plain".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        let left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left.len(), 2, "{left:?}");
+        assert!(h.contains_key("x-keep") && h.contains_key("content-type"));
+    }
+}

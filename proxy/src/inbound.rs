@@ -1,0 +1,350 @@
+//! Inbound: one QUIC endpoint accepts peer sidecars (mTLS is checked during
+//! the handshake by weft-transport). ALPN picks the path: `h3` requests are
+//! forwarded to the local app over pooled HTTP/1.1 connections, `weft-l4`
+//! streams are answered with a preamble response and then copied to a new
+//! TCP connection to the app.
+//!
+//! Phases per stream: accept → context (peer identity) → check → connect → copy.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use weft_transport::preamble::{self, Status};
+use weft_transport::{MeshEndpoint, SpiffeId, ALPN_H3, ALPN_L4};
+
+use crate::body::{self, ChannelBody};
+use crate::headers;
+use crate::metrics::{DurationLabels, QuicLabels, RequestLabels, TcpLabels, INBOUND};
+use crate::sidecar::Ctx;
+
+/// A peer must send its stream preamble within this time.
+const PREAMBLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long to wait for the app to accept a TCP connection.
+const APP_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub(crate) async fn accept_loop(ctx: Arc<Ctx>, endpoint: MeshEndpoint) {
+    while let Some(incoming) = endpoint.quinn().accept().await {
+        if ctx.inbound_connections.load(Ordering::Relaxed) >= ctx.limits.max_connections {
+            ctx.metrics.refuse("connection_limit");
+            tracing::warn!(remote = %incoming.remote_address(), limit = ctx.limits.max_connections,
+                "refusing QUIC connection: connection limit reached");
+            incoming.refuse();
+            continue;
+        }
+        let ctx2 = ctx.clone();
+        ctx.spawn(async move {
+            let remote = incoming.remote_address();
+            let conn = match incoming.await {
+                Ok(c) => c,
+                Err(e) => {
+                    ctx2.metrics
+                        .quic_handshake_failures
+                        .get_or_create(&QuicLabels {
+                            direction: INBOUND,
+                            alpn: "",
+                        })
+                        .inc();
+                    tracing::warn!(%remote, error = %e, "inbound handshake failed");
+                    return;
+                }
+            };
+            connection(ctx2, conn).await;
+        });
+    }
+}
+
+async fn connection(ctx: Arc<Ctx>, conn: quinn::Connection) {
+    let Some(peer) = weft_transport::tls::peer_id(&conn, ctx.tls.trust_domain()) else {
+        // The verifier admitted the peer, so this cannot happen; refuse anyway.
+        conn.close(1u32.into(), b"no peer identity");
+        return;
+    };
+    let alpn = conn
+        .handshake_data()
+        .and_then(|h| h.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+        .and_then(|h| h.protocol);
+    let alpn_label = match alpn.as_deref() {
+        Some(ALPN_H3) => "h3",
+        Some(ALPN_L4) => "weft-l4",
+        _ => {
+            conn.close(1u32.into(), b"unknown ALPN");
+            return;
+        }
+    };
+    let labels = QuicLabels {
+        direction: INBOUND,
+        alpn: alpn_label,
+    };
+    ctx.metrics.quic_connections.get_or_create(&labels).inc();
+    let active = ctx.metrics.quic_active.get_or_create(&labels).clone();
+    active.inc();
+    ctx.inbound_connections.fetch_add(1, Ordering::Relaxed);
+    tracing::debug!(%peer, remote = %conn.remote_address(), alpn = alpn_label, "peer connected");
+    if alpn_label == "h3" {
+        h3_connection(&ctx, conn, peer).await;
+    } else {
+        l4_connection(&ctx, conn, peer).await;
+    }
+    ctx.inbound_connections.fetch_sub(1, Ordering::Relaxed);
+    active.dec();
+}
+
+async fn h3_connection(ctx: &Arc<Ctx>, conn: quinn::Connection, peer: SpiffeId) {
+    let mut h3conn = match h3::server::builder()
+        .max_field_section_size(ctx.limits.max_header_bytes as u64)
+        .build::<_, Bytes>(h3_quinn::Connection::new(conn))
+        .await
+    {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::debug!(%peer, error = %e, "HTTP/3 setup failed");
+            return;
+        }
+    };
+    let peer = Arc::new(peer);
+    loop {
+        match h3conn.accept().await {
+            Ok(Some(resolver)) => {
+                let ctx2 = ctx.clone();
+                let peer = peer.clone();
+                ctx.spawn(async move {
+                    match resolver.resolve_request().await {
+                        Ok((req, stream)) => h3_request(ctx2, &peer, req, stream).await,
+                        Err(e) => {
+                            ctx2.metrics.refuse("bad_request");
+                            tracing::debug!(peer = %peer, error = %e, "bad HTTP/3 request");
+                        }
+                    }
+                });
+            }
+            Ok(None) => break,
+            Err(e) => {
+                tracing::debug!(peer = %peer, error = %e, "HTTP/3 connection ended");
+                break;
+            }
+        }
+    }
+}
+
+type ServerStream = h3::server::RequestStream<h3_quinn::BidiStream<Bytes>, Bytes>;
+
+async fn h3_request(ctx: Arc<Ctx>, peer: &SpiffeId, req: Request<()>, stream: ServerStream) {
+    let start = Instant::now();
+    let service = req
+        .uri()
+        .host()
+        .map(str::to_string)
+        .unwrap_or_default();
+    let (mut send, recv) = stream.split();
+    let resp = forward_to_app(&ctx, peer, &service, req, recv).await;
+    let status = resp.status();
+    let m = &ctx.metrics;
+    let svc_label = if ctx.mesh.load().service(&service).is_some() {
+        service.clone()
+    } else {
+        // Do not let callers mint label values.
+        "unknown".to_string()
+    };
+    m.requests
+        .get_or_create(&RequestLabels {
+            direction: INBOUND,
+            service: svc_label.clone(),
+            peer: peer.to_string(),
+            status: status.as_u16(),
+        })
+        .inc();
+    m.request_duration
+        .get_or_create(&DurationLabels {
+            direction: INBOUND,
+            service: svc_label,
+        })
+        .observe(start.elapsed().as_secs_f64());
+    let (mut parts, body) = resp.into_parts();
+    headers::strip_hop_by_hop(&mut parts.headers);
+    if let Err(e) = send.send_response(Response::from_parts(parts, ())).await {
+        tracing::debug!(%peer, error = %e, "sending response head failed");
+        return;
+    }
+    if let Err(e) = body::body_to_h3(body, &mut send).await {
+        tracing::debug!(%peer, error = %e, "response body ended early");
+    }
+}
+
+async fn forward_to_app(
+    ctx: &Arc<Ctx>,
+    peer: &SpiffeId,
+    service: &str,
+    req: Request<()>,
+    recv: h3::server::RequestStream<h3_quinn::RecvStream, Bytes>,
+) -> Response<body::ProxyBody> {
+    use crate::outbound::error_response;
+    if ctx.mesh.load().service(service).is_none() {
+        ctx.metrics.refuse("unknown_service");
+        return error_response(
+            StatusCode::MISDIRECTED_REQUEST,
+            format!("weft: :authority {service:?} is not a service of this mesh"),
+        );
+    }
+    let Some(app) = ctx.app else {
+        return error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "weft: this sidecar has no --app to forward to".into(),
+        );
+    };
+    let (mut parts, ()) = req.into_parts();
+    headers::strip_hop_by_hop(&mut parts.headers);
+    let path = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    parts.uri = match format!("http://{app}{path}").parse() {
+        Ok(u) => u,
+        Err(e) => return error_response(StatusCode::BAD_REQUEST, format!("weft: bad path: {e}")),
+    };
+    parts.version = http::Version::HTTP_11;
+    if let Ok(host) = http::HeaderValue::from_str(service) {
+        parts.headers.insert(http::header::HOST, host);
+    }
+    if let Ok(id) = http::HeaderValue::from_str(peer.as_str()) {
+        parts.headers.insert(headers::PEER_ID, id);
+    }
+    let (tx, chan) = ChannelBody::new();
+    let pump = tokio::spawn(body::h3_to_channel(recv, tx));
+    let req = Request::from_parts(parts, body::boxed(chan));
+    match ctx.app_client.request(req).await {
+        Ok(resp) => {
+            let (parts, body) = resp.into_parts();
+            Response::from_parts(parts, http_body_util::BodyExt::boxed_unsync(
+                http_body_util::BodyExt::map_err(body, |e| Box::new(e) as body::BoxError),
+            ))
+        }
+        Err(e) => {
+            pump.abort();
+            error_response(
+                StatusCode::BAD_GATEWAY,
+                format!("weft: cannot reach the app at {app}: {e}"),
+            )
+        }
+    }
+}
+
+async fn l4_connection(ctx: &Arc<Ctx>, conn: quinn::Connection, peer: SpiffeId) {
+    let peer = Arc::new(peer);
+    loop {
+        match conn.accept_bi().await {
+            Ok((send, recv)) => {
+                let ctx2 = ctx.clone();
+                let peer = peer.clone();
+                ctx.spawn(async move { l4_stream(ctx2, &peer, send, recv).await });
+            }
+            Err(e) => {
+                tracing::debug!(peer = %peer, error = %e, "L4 connection ended");
+                break;
+            }
+        }
+    }
+}
+
+async fn l4_stream(ctx: Arc<Ctx>, peer: &SpiffeId, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+    let req = match tokio::time::timeout(PREAMBLE_TIMEOUT, read_request(&mut recv)).await {
+        Ok(Ok(req)) => req,
+        Ok(Err(msg)) => {
+            ctx.metrics.refuse("malformed_preamble");
+            tracing::warn!(%peer, error = %msg, "refusing TCP stream: malformed preamble");
+            refuse(send, recv, Status::Malformed, msg).await;
+            return;
+        }
+        Err(_) => {
+            ctx.metrics.refuse("preamble_timeout");
+            refuse(send, recv, Status::Malformed, "preamble timed out".into()).await;
+            return;
+        }
+    };
+    let known = ctx
+        .mesh
+        .load()
+        .service(&req.target)
+        .map(|s| s.protocol == crate::mesh::Protocol::Tcp)
+        .unwrap_or(false);
+    if !known {
+        ctx.metrics.refuse("unknown_service");
+        let msg = format!("{} is not a TCP service of this mesh", req.target);
+        refuse(send, recv, Status::UnknownTarget, msg).await;
+        return;
+    }
+    let Some(app) = ctx.app else {
+        refuse(send, recv, Status::ConnectFailed, "no --app configured".into()).await;
+        return;
+    };
+    let tcp = match tokio::time::timeout(APP_CONNECT_TIMEOUT, tokio::net::TcpStream::connect(app)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            refuse(send, recv, Status::ConnectFailed, format!("app {app}: {e}")).await;
+            return;
+        }
+        Err(_) => {
+            refuse(send, recv, Status::ConnectFailed, format!("app {app}: connect timed out")).await;
+            return;
+        }
+    };
+    let _ = tcp.set_nodelay(true);
+    if send
+        .write_all(&preamble::Response::new(Status::Ok, "").encode())
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let labels = TcpLabels {
+        direction: INBOUND,
+        service: req.target.clone(),
+        peer: peer.to_string(),
+    };
+    ctx.metrics.tcp_connections.get_or_create(&labels).inc();
+    let active = ctx.metrics.tcp_active.get_or_create(&labels).clone();
+    active.inc();
+    let result = crate::copy::bidi(tcp, send, recv).await;
+    active.dec();
+    ctx.metrics
+        .tcp_sent_bytes
+        .get_or_create(&labels)
+        .inc_by(result.from_peer);
+    ctx.metrics
+        .tcp_received_bytes
+        .get_or_create(&labels)
+        .inc_by(result.to_peer);
+    if let Some(e) = result.error {
+        tracing::debug!(%peer, service = %req.target, error = %e, "TCP stream ended with error");
+    }
+}
+
+async fn refuse(mut send: quinn::SendStream, mut recv: quinn::RecvStream, status: Status, msg: String) {
+    let _ = send.write_all(&preamble::Response::new(status, msg).encode()).await;
+    let _ = send.finish();
+    let _ = recv.stop(0u32.into());
+}
+
+/// Read exactly one request preamble, never past it.
+async fn read_request(recv: &mut quinn::RecvStream) -> Result<preamble::Request, String> {
+    let mut buf = Vec::with_capacity(64);
+    loop {
+        match preamble::Request::decode(&buf) {
+            Ok((req, _)) => return Ok(req),
+            Err(preamble::DecodeError::Incomplete { needed }) => {
+                let start = buf.len();
+                buf.resize(needed.min(preamble::MAX_REQUEST_LEN), 0);
+                let n = recv
+                    .read(&mut buf[start..])
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .ok_or("stream ended inside the preamble (truncated)")?;
+                buf.truncate(start + n);
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+}

@@ -1,0 +1,19 @@
+//! weft-proxy: the Weft sidecar. Config, listeners, HTTP/3 and L4
+//! forwarding, telemetry and the admin server; `weft demo` lives here too.
+
+pub mod admin;
+pub mod argfile;
+pub mod body;
+pub mod cli;
+pub mod copy;
+pub mod demo;
+pub mod headers;
+mod identity;
+pub mod inbound;
+pub mod mesh;
+pub mod metrics;
+pub mod outbound;
+pub mod sidecar;
+
+pub use mesh::Mesh;
+pub use sidecar::{IdentitySource, Limits, Sidecar, SidecarConfig};

@@ -1,0 +1,99 @@
+//! The `weft` binary.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use weft_proxy::cli::{Cli, Command};
+use weft_proxy::{Mesh, Sidecar};
+
+fn main() -> ExitCode {
+    let args = match weft_proxy::argfile::expand(std::env::args_os()) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("weft: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let cli = Cli::parse_from(args);
+    let default_level = match cli.command {
+        Command::Demo { .. } => "warn",
+        _ => "info",
+    };
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
+        )
+        .init();
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("weft: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(run(cli.command))
+}
+
+async fn run(cmd: Command) -> ExitCode {
+    match cmd {
+        Command::Check { mesh } => match Mesh::load(&mesh) {
+            Ok(m) => {
+                println!(
+                    "{}: ok ({} services, trust domain {})",
+                    mesh.display(),
+                    m.services.len(),
+                    m.trust_domain
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Demo { duration } => {
+            match weft_proxy::demo::run(weft_proxy::cli::demo_duration(duration)).await {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::FAILURE,
+                Err(e) => {
+                    eprintln!("weft demo: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Sidecar(args) => {
+            let cfg = match args.into_config() {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("weft sidecar: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let sidecar = match Sidecar::start(cfg).await {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("weft sidecar: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let upstreams: Vec<String> = sidecar
+                .upstream_addrs
+                .iter()
+                .map(|(s, a)| format!("{s}={a}"))
+                .collect();
+            println!(
+                "weft sidecar ready: identity={} inbound={} admin={} upstreams=[{}]",
+                sidecar.identity(),
+                sidecar.inbound_addr,
+                sidecar.admin_addr,
+                upstreams.join(",")
+            );
+            weft_proxy::cli::shutdown_signal().await;
+            tracing::info!("shutting down");
+            sidecar.shutdown().await;
+            ExitCode::SUCCESS
+        }
+    }
+}

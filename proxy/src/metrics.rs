@@ -1,0 +1,240 @@
+//! Prometheus metrics of one sidecar (its own registry, so several sidecars
+//! can live in one process, as they do in `weft demo` and the tests).
+//! Names follow Prometheus conventions: `weft_` prefix, base units, counters
+//! end in `_total`; labels are low-cardinality (service names, mesh
+//! identities, status codes).
+
+use std::sync::Arc;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+pub const OUTBOUND: &str = "outbound";
+pub const INBOUND: &str = "inbound";
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub direction: &'static str,
+    pub service: String,
+    /// The other side's SPIFFE ID: the caller inbound, the server outbound.
+    pub peer: String,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DurationLabels {
+    pub direction: &'static str,
+    pub service: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TcpLabels {
+    pub direction: &'static str,
+    pub service: String,
+    pub peer: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct QuicLabels {
+    pub direction: &'static str,
+    pub alpn: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    // 0.5 ms .. ~16 s in doublings: covers loopback hops and slow backends.
+    Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+}
+
+/// All metrics of one sidecar.
+pub struct Metrics {
+    registry: Registry,
+    pub requests: Family<RequestLabels, Counter>,
+    pub request_duration: HistogramFamily<DurationLabels>,
+    pub tcp_connections: Family<TcpLabels, Counter>,
+    pub tcp_active: Family<TcpLabels, Gauge>,
+    pub tcp_sent_bytes: Family<TcpLabels, Counter>,
+    pub tcp_received_bytes: Family<TcpLabels, Counter>,
+    pub quic_connections: Family<QuicLabels, Counter>,
+    pub quic_active: Family<QuicLabels, Gauge>,
+    pub quic_handshake_failures: Family<QuicLabels, Counter>,
+    pub refused: Family<ReasonLabels, Counter>,
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Self> {
+        let mut m = Metrics {
+            registry: Registry::default(),
+            requests: Family::default(),
+            request_duration: Family::new_with_constructor(latency_histogram),
+            tcp_connections: Family::default(),
+            tcp_active: Family::default(),
+            tcp_sent_bytes: Family::default(),
+            tcp_received_bytes: Family::default(),
+            quic_connections: Family::default(),
+            quic_active: Family::default(),
+            quic_handshake_failures: Family::default(),
+            refused: Family::default(),
+        };
+        let r = &mut m.registry;
+        r.register(
+            "weft_requests",
+            "HTTP requests by direction, service, peer identity and status",
+            m.requests.clone(),
+        );
+        r.register(
+            "weft_request_duration_seconds",
+            "HTTP request duration until response headers",
+            m.request_duration.clone(),
+        );
+        r.register(
+            "weft_tcp_connections",
+            "TCP connections proxied",
+            m.tcp_connections.clone(),
+        );
+        r.register(
+            "weft_tcp_connections_active",
+            "TCP connections open now",
+            m.tcp_active.clone(),
+        );
+        r.register(
+            "weft_tcp_sent_bytes",
+            "Bytes sent towards the peer (outbound) or the app (inbound) on TCP streams",
+            m.tcp_sent_bytes.clone(),
+        );
+        r.register(
+            "weft_tcp_received_bytes",
+            "Bytes received from the peer (outbound) or the app (inbound) on TCP streams",
+            m.tcp_received_bytes.clone(),
+        );
+        r.register(
+            "weft_quic_connections",
+            "QUIC connections established (outbound: dialed, inbound: accepted)",
+            m.quic_connections.clone(),
+        );
+        r.register(
+            "weft_quic_connections_active",
+            "QUIC connections open now",
+            m.quic_active.clone(),
+        );
+        r.register(
+            "weft_quic_handshake_failures",
+            "QUIC handshakes that failed (bad or missing certificate, timeout)",
+            m.quic_handshake_failures.clone(),
+        );
+        r.register(
+            "weft_refused",
+            "Connections, streams or requests refused, by reason",
+            m.refused.clone(),
+        );
+        Arc::new(m)
+    }
+
+    /// The registry in the OpenMetrics text format (which Prometheus scrapes).
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Encoding into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    pub fn refuse(&self, reason: &'static str) {
+        self.refused.get_or_create(&ReasonLabels { reason }).inc();
+    }
+}
+
+/// One sample of a text exposition: name, labels, value.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    pub name: String,
+    pub labels: Vec<(String, String)>,
+    pub value: f64,
+}
+
+impl Sample {
+    pub fn label(&self, key: &str) -> Option<&str> {
+        self.labels
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Parse the samples of a Prometheus/OpenMetrics text exposition (as served on
+/// `/metrics`). Lines that do not parse are skipped. Used by `weft demo` for its
+/// summary and by tests, so both read what a scraper reads.
+pub fn parse_text(text: &str) -> Vec<Sample> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(parse_line)
+        .collect()
+}
+
+fn parse_line(line: &str) -> Option<Sample> {
+    let (head, value) = line.rsplit_once(' ')?;
+    let value: f64 = value.parse().ok()?;
+    let (name, labels) = match head.split_once('{') {
+        None => (head.to_string(), Vec::new()),
+        Some((name, rest)) => {
+            let body = rest.strip_suffix('}')?;
+            let mut labels = Vec::new();
+            let mut rest = body;
+            while !rest.is_empty() {
+                let (k, r) = rest.split_once("=\"")?;
+                let end = r.find('"')?;
+                labels.push((k.trim_start_matches(',').to_string(), r[..end].to_string()));
+                rest = &r[end + 1..];
+            }
+            (name.to_string(), labels)
+        }
+    };
+    Some(Sample {
+        name,
+        labels,
+        value,
+    })
+}
+
+/// Sum of the samples named `name` whose labels include all of `labels`.
+pub fn sum(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
+    samples
+        .iter()
+        .filter(|s| s.name == name && labels.iter().all(|(k, v)| s.label(k) == Some(*v)))
+        .map(|s| s.value)
+        .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_round_trips_through_the_parser() {
+        let m = Metrics::new();
+        let l = RequestLabels {
+            direction: OUTBOUND,
+            service: "payment".into(),
+            peer: "spiffe://td/p".into(),
+            status: 200,
+        };
+        m.requests.get_or_create(&l).inc_by(3);
+        m.refuse("unauthorized");
+        let samples = parse_text(&m.encode());
+        assert_eq!(
+            sum(&samples, "weft_requests_total", &[("service", "payment"), ("status", "200")]),
+            3.0
+        );
+        assert_eq!(sum(&samples, "weft_refused_total", &[("reason", "unauthorized")]), 1.0);
+        assert_eq!(sum(&samples, "weft_refused_total", &[("reason", "other")]), 0.0);
+    }
+}

@@ -1,0 +1,336 @@
+//! The sidecar: configuration, start-up wiring and the running handle.
+//!
+//! Start-up phases: identity (files, or a CSR to `weft-ca serve`) → TLS →
+//! QUIC endpoint → outbound listeners → admin. `/ready` turns 200 only after
+//! all of them; every spawned task stops when the sidecar is drained.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use weft_transport::endpoint::{ConnectError, EndpointOptions};
+use weft_transport::{Credentials, MeshEndpoint, MeshTls, Pool, SpiffeId, ALPN_H3, ALPN_L4};
+
+use crate::body::ProxyBody;
+use crate::mesh::{Mesh, Protocol};
+use crate::metrics::{Metrics, QuicLabels, OUTBOUND};
+
+/// Where the sidecar's certificate comes from.
+#[derive(Clone)]
+pub enum IdentitySource {
+    /// `cert.pem`, `key.pem`, `bundle.pem` in a directory (weft-ca issue, cert-manager, SPIRE).
+    CertDir(PathBuf),
+    /// A CSR to `weft-ca serve`, authenticated by a join token; the key stays here.
+    Ca {
+        url: String,
+        bundle_pem: String,
+        token: String,
+        /// If set, the issued identity must be this one.
+        expect_id: Option<String>,
+    },
+    /// Credentials already in memory (tests, `weft demo`).
+    Static(Credentials),
+}
+
+/// Resource limits; a peer that exceeds them gets an error, others are unaffected.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Limits {
+    /// Largest request/response header section accepted, in bytes.
+    pub max_header_bytes: usize,
+    /// Concurrent streams (requests, TCP connections) a peer may have on one QUIC connection.
+    pub max_streams_per_connection: u32,
+    /// Concurrent inbound QUIC connections.
+    pub max_connections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            // Envoy, nginx and hyper all default near 8–64 KiB; 64 KiB admits
+            // large cookies and JWTs while bounding memory per request.
+            max_header_bytes: 64 << 10,
+            max_streams_per_connection: 1024,
+            // One connection per peer sidecar: 10k peers is a large mesh.
+            max_connections: 10_000,
+        }
+    }
+}
+
+/// Everything a sidecar needs to start.
+#[derive(Clone)]
+pub struct SidecarConfig {
+    pub mesh: Mesh,
+    pub identity: IdentitySource,
+    /// UDP address of the inbound QUIC endpoint.
+    pub inbound: SocketAddr,
+    pub admin: SocketAddr,
+    /// The local app that inbound traffic is forwarded to.
+    pub app: Option<SocketAddr>,
+    /// Local TCP listeners for the app: (service, listen address).
+    pub upstreams: Vec<(String, SocketAddr)>,
+    pub limits: Limits,
+}
+
+/// Start-up failures. Each says what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum SidecarError {
+    #[error("identity: {0}")]
+    Identity(String),
+    #[error("TLS: {0}")]
+    Tls(#[from] weft_transport::tls::TlsError),
+    #[error("QUIC endpoint: {0}")]
+    Bind(#[from] weft_transport::endpoint::BindError),
+    #[error("listening on {addr} for {what}: {source}")]
+    Listen {
+        what: String,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("--upstream {0}: no such service in the mesh file")]
+    UnknownUpstream(String),
+}
+
+pub(crate) type H3Sender = h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>;
+
+/// State shared by every task of one sidecar.
+pub(crate) struct Ctx {
+    pub mesh: ArcSwap<Mesh>,
+    pub tls: Arc<MeshTls>,
+    pub metrics: Arc<Metrics>,
+    pub h3_pool: Pool<H3Sender>,
+    pub l4_pool: Pool<()>,
+    pub app: Option<SocketAddr>,
+    pub app_client: hyper_util::client::legacy::Client<HttpConnector, ProxyBody>,
+    pub limits: Limits,
+    pub round_robin: AtomicUsize,
+    pub inbound_connections: AtomicUsize,
+    pub ready: AtomicBool,
+    pub drain: watch::Receiver<bool>,
+    pub effective: serde_json::Value,
+}
+
+impl Ctx {
+    /// Spawn a task that ends when the sidecar drains.
+    pub fn spawn<F>(&self, fut: F) -> JoinHandle<()>
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let mut drain = self.drain.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = fut => {}
+                _ = drain.wait_for(|d| *d) => {}
+            }
+        })
+    }
+}
+
+/// A running sidecar. Dropping it stops everything it started.
+pub struct Sidecar {
+    pub inbound_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub upstream_addrs: BTreeMap<String, SocketAddr>,
+    ctx: Arc<Ctx>,
+    endpoint: MeshEndpoint,
+    drain: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Sidecar {
+    pub async fn start(cfg: SidecarConfig) -> Result<Sidecar, SidecarError> {
+        let creds = crate::identity::obtain(&cfg.identity).await?;
+        let tls = MeshTls::new(&cfg.mesh.trust_domain, &creds)?;
+        tracing::info!(identity = %tls.identity(), "certificate loaded");
+        let mut opts = EndpointOptions::new(cfg.inbound);
+        opts.max_streams_per_connection = cfg.limits.max_streams_per_connection;
+        let endpoint = MeshEndpoint::bind(tls.clone(), &opts)?;
+        let inbound_addr = endpoint.local_addr().map_err(|source| SidecarError::Listen {
+            what: "inbound".into(),
+            addr: cfg.inbound,
+            source,
+        })?;
+        let metrics = Metrics::new();
+        let (drain_tx, drain) = watch::channel(false);
+
+        let h3_pool = {
+            let metrics = metrics.clone();
+            let max_header = cfg.limits.max_header_bytes as u64;
+            Pool::with_setup(endpoint.clone(), ALPN_H3, move |conn| {
+                let metrics = metrics.clone();
+                Box::pin(async move {
+                    let addr = conn.remote_address();
+                    let (mut driver, sender) = h3::client::builder()
+                        .max_field_section_size(max_header)
+                        .build::<_, _, Bytes>(h3_quinn::Connection::new(conn.clone()))
+                        .await
+                        .map_err(|e| ConnectError::Setup {
+                            addr,
+                            reason: e.to_string(),
+                        })?;
+                    tokio::spawn(async move {
+                        let _ = futures::future::poll_fn(|cx| driver.poll_close(cx)).await;
+                    });
+                    track_outbound(&metrics, &conn, "h3");
+                    Ok(sender)
+                })
+            })
+        };
+        let l4_pool = {
+            let metrics = metrics.clone();
+            Pool::<()>::with_setup(endpoint.clone(), ALPN_L4, move |conn| {
+                track_outbound(&metrics, &conn, "weft-l4");
+                Box::pin(async { Ok(()) })
+            })
+        };
+
+        let mut http = HttpConnector::new();
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(std::time::Duration::from_secs(5)));
+        let app_client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(std::time::Duration::from_secs(60))
+            .build(http);
+
+        for (svc, _) in &cfg.upstreams {
+            if cfg.mesh.service(svc).is_none() {
+                return Err(SidecarError::UnknownUpstream(svc.clone()));
+            }
+        }
+
+        let effective = serde_json::json!({
+            "identity": tls.identity().to_string(),
+            "inbound": inbound_addr.to_string(),
+            "app": cfg.app.map(|a| a.to_string()),
+            "upstreams": cfg.upstreams.iter().map(|(s, a)| (s.clone(), a.to_string())).collect::<BTreeMap<_, _>>(),
+            "limits": cfg.limits,
+        });
+        let ctx = Arc::new(Ctx {
+            mesh: ArcSwap::from_pointee(cfg.mesh.clone()),
+            tls,
+            metrics,
+            h3_pool,
+            l4_pool,
+            app: cfg.app,
+            app_client,
+            limits: cfg.limits.clone(),
+            round_robin: AtomicUsize::new(0),
+            inbound_connections: AtomicUsize::new(0),
+            ready: AtomicBool::new(false),
+            drain,
+            effective,
+        });
+
+        let mut tasks = vec![ctx.spawn(crate::inbound::accept_loop(ctx.clone(), endpoint.clone()))];
+        let mut upstream_addrs = BTreeMap::new();
+        for (svc, addr) in &cfg.upstreams {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| SidecarError::Listen {
+                    what: format!("upstream {svc}"),
+                    addr: *addr,
+                    source,
+                })?;
+            let bound = listener.local_addr().map_err(|source| SidecarError::Listen {
+                what: format!("upstream {svc}"),
+                addr: *addr,
+                source,
+            })?;
+            upstream_addrs.insert(svc.clone(), bound);
+            tasks.push(ctx.spawn(crate::outbound::listen(ctx.clone(), svc.clone(), listener)));
+        }
+        let admin = tokio::net::TcpListener::bind(cfg.admin)
+            .await
+            .map_err(|source| SidecarError::Listen {
+                what: "admin".into(),
+                addr: cfg.admin,
+                source,
+            })?;
+        let admin_addr = admin.local_addr().map_err(|source| SidecarError::Listen {
+            what: "admin".into(),
+            addr: cfg.admin,
+            source,
+        })?;
+        tasks.push(ctx.spawn(crate::admin::serve(ctx.clone(), admin)));
+        ctx.ready.store(true, Ordering::Release);
+        tracing::info!(%inbound_addr, %admin_addr, ?upstream_addrs, "sidecar ready");
+        Ok(Sidecar {
+            inbound_addr,
+            admin_addr,
+            upstream_addrs,
+            ctx,
+            endpoint,
+            drain: drain_tx,
+            tasks,
+        })
+    }
+
+    /// Replace the mesh configuration; applies to new requests and streams.
+    pub fn set_mesh(&self, mesh: Mesh) {
+        self.ctx.mesh.store(Arc::new(mesh));
+    }
+
+    pub fn mesh(&self) -> Arc<Mesh> {
+        self.ctx.mesh.load_full()
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.ctx.metrics
+    }
+
+    pub fn identity(&self) -> SpiffeId {
+        self.ctx.tls.identity()
+    }
+
+    /// Handshakes the HTTP/3 and L4 pools have started (dedup visible here).
+    pub fn pool_handshakes(&self) -> (u64, u64) {
+        (self.ctx.h3_pool.handshakes(), self.ctx.l4_pool.handshakes())
+    }
+
+    /// Stop accepting, close connections, end every task.
+    pub async fn shutdown(mut self) {
+        self.stop();
+        self.endpoint.quinn().wait_idle().await;
+    }
+
+    fn stop(&mut self) {
+        let _ = self.drain.send(true);
+        self.endpoint.quinn().close(0u32.into(), b"sidecar shutting down");
+        for t in self.tasks.drain(..) {
+            t.abort();
+        }
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn track_outbound(metrics: &Arc<Metrics>, conn: &quinn::Connection, alpn: &'static str) {
+    let labels = QuicLabels {
+        direction: OUTBOUND,
+        alpn,
+    };
+    metrics.quic_connections.get_or_create(&labels).inc();
+    let active = metrics.quic_active.get_or_create(&labels).clone();
+    active.inc();
+    let conn = conn.clone();
+    tokio::spawn(async move {
+        conn.closed().await;
+        active.dec();
+    });
+}
+
+/// The protocol of a service, if the mesh knows it.
+pub(crate) fn protocol_of(mesh: &Mesh, service: &str) -> Option<Protocol> {
+    mesh.service(service).map(|s| s.protocol)
+}

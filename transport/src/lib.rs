@@ -1,0 +1,13 @@
+//! weft-transport: QUIC endpoints, SPIFFE mTLS, the connection pool and the
+//! L4 stream protocol. No policy lives here.
+
+pub mod endpoint;
+pub mod pool;
+pub mod preamble;
+pub mod spiffe;
+pub mod tls;
+
+pub use endpoint::{ConnectError, EndpointOptions, MeshEndpoint};
+pub use pool::Pool;
+pub use spiffe::SpiffeId;
+pub use tls::{Credentials, MeshTls, ALPN_H3, ALPN_L4};

@@ -1,0 +1,401 @@
+//! Mutual TLS for the mesh: our identity (swappable at run time), the trust
+//! bundle, and the verifiers that admit only peers with a certificate that
+//! chains to the bundle and carries exactly one `spiffe://<our trust domain>/…`
+//! URI SAN. TLS 1.3 only, aws-lc-rs provider (X25519MLKEM768 key exchange is
+//! preferred by default).
+//!
+//! Both directions use the same check ([`MeshTls::verify_peer`]); the server
+//! side *requires* a client certificate. DNS names are never consulted: the
+//! identity is the SPIFFE ID.
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::sign::CertifiedKey;
+use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+
+use crate::spiffe::{SpiffeError, SpiffeId};
+
+/// ALPN for HTTP requests carried as HTTP/3.
+pub const ALPN_H3: &[u8] = b"h3";
+/// ALPN for raw TCP streams (see [`crate::preamble`]).
+pub const ALPN_L4: &[u8] = b"weft-l4";
+
+/// Errors loading or using credentials.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("reading {what}: {source}")]
+    Pem {
+        what: &'static str,
+        source: rustls_pki_types::pem::Error,
+    },
+    #[error("{0} holds no certificate")]
+    NoCertificate(&'static str),
+    #[error("our certificate is unusable: {0}")]
+    BadIdentity(String),
+    #[error("trust bundle: {0}")]
+    BadBundle(String),
+    #[error("TLS configuration: {0}")]
+    Rustls(#[from] rustls::Error),
+}
+
+/// A certificate chain, its private key and the trust bundle, as PEM.
+#[derive(Clone)]
+pub struct Credentials {
+    pub chain: Vec<CertificateDer<'static>>,
+    pub key: Arc<PrivateKeyDer<'static>>,
+    pub bundle: Vec<CertificateDer<'static>>,
+}
+
+impl Credentials {
+    /// Parse PEM text: `chain_pem` leaf first, `key_pem` PKCS#8/SEC1, `bundle_pem` one or more roots.
+    pub fn from_pem(chain_pem: &[u8], key_pem: &[u8], bundle_pem: &[u8]) -> Result<Self, TlsError> {
+        let chain = certs_from_pem(chain_pem, "certificate chain")?;
+        let bundle = certs_from_pem(bundle_pem, "trust bundle")?;
+        let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|source| TlsError::Pem {
+            what: "private key",
+            source,
+        })?;
+        Ok(Credentials {
+            chain,
+            key: Arc::new(key),
+            bundle,
+        })
+    }
+}
+
+fn certs_from_pem(pem: &[u8], what: &'static str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|source| TlsError::Pem { what, source })?;
+    if certs.is_empty() {
+        return Err(TlsError::NoCertificate(what));
+    }
+    Ok(certs)
+}
+
+/// The identity this sidecar presents and the bundle it trusts. Both can be
+/// replaced at run time ([`MeshTls::update`]); only new handshakes see the change.
+pub struct MeshTls {
+    trust_domain: String,
+    provider: Arc<CryptoProvider>,
+    state: ArcSwap<State>,
+}
+
+struct State {
+    key: Arc<CertifiedKey>,
+    id: SpiffeId,
+    not_after: Option<std::time::SystemTime>,
+    roots: RootCertStore,
+}
+
+impl std::fmt::Debug for MeshTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MeshTls")
+            .field("trust_domain", &self.trust_domain)
+            .field("id", &self.state.load().id.as_str())
+            .finish()
+    }
+}
+
+impl MeshTls {
+    /// Build from credentials; our own certificate must hold a valid SPIFFE ID
+    /// of `trust_domain` and chain to the bundle.
+    pub fn new(trust_domain: &str, creds: &Credentials) -> Result<Arc<Self>, TlsError> {
+        let provider = Arc::new(provider());
+        let state = build_state(&provider, trust_domain, creds)?;
+        Ok(Arc::new(MeshTls {
+            trust_domain: trust_domain.to_string(),
+            provider,
+            state: ArcSwap::from_pointee(state),
+        }))
+    }
+
+    /// Replace our certificate, key and trust bundle atomically.
+    pub fn update(&self, creds: &Credentials) -> Result<(), TlsError> {
+        let state = build_state(&self.provider, &self.trust_domain, creds)?;
+        self.state.store(Arc::new(state));
+        Ok(())
+    }
+
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
+    /// Our current SPIFFE ID.
+    pub fn identity(&self) -> SpiffeId {
+        self.state.load().id.clone()
+    }
+
+    /// When our current certificate expires.
+    pub fn not_after(&self) -> Option<std::time::SystemTime> {
+        self.state.load().not_after
+    }
+
+    /// Check a peer's chain against the bundle for `usage` and return its SPIFFE ID.
+    pub fn verify_peer(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+        usage: webpki::KeyUsage,
+    ) -> Result<SpiffeId, rustls::Error> {
+        let state = self.state.load();
+        let cert = webpki::EndEntityCert::try_from(end_entity)
+            .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
+        cert.verify_for_usage(
+            self.provider.signature_verification_algorithms.all,
+            &state.roots.roots,
+            intermediates,
+            now,
+            usage,
+            None,
+            None,
+        )
+        .map_err(webpki_error)?;
+        spiffe_id_of(end_entity, &self.trust_domain).map_err(|e| {
+            rustls::Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(e))))
+        })
+    }
+
+    /// rustls server config: client certificates required, TLS 1.3 only.
+    pub fn server_config(self: &Arc<Self>, alpns: &[&[u8]]) -> Result<rustls::ServerConfig, TlsError> {
+        let mut cfg = rustls::ServerConfig::builder_with_provider(self.provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_client_cert_verifier(Arc::new(PeerVerifier(self.clone())))
+            .with_cert_resolver(Arc::new(Resolver(self.clone())));
+        cfg.alpn_protocols = alpns.iter().map(|a| a.to_vec()).collect();
+        // No session resumption: a resumed session skips certificate checks,
+        // which would let a peer outlive its certificate. Revisit with 0-RTT.
+        cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        cfg.send_tls13_tickets = 0;
+        Ok(cfg)
+    }
+
+    /// rustls client config for one ALPN, presenting our certificate.
+    pub fn client_config(self: &Arc<Self>, alpn: &[u8]) -> Result<rustls::ClientConfig, TlsError> {
+        let mut cfg = rustls::ClientConfig::builder_with_provider(self.provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(PeerVerifier(self.clone())))
+            .with_client_cert_resolver(Arc::new(Resolver(self.clone())));
+        cfg.alpn_protocols = vec![alpn.to_vec()];
+        cfg.resumption = rustls::client::Resumption::disabled();
+        Ok(cfg)
+    }
+}
+
+/// The crypto provider every Weft TLS config uses: aws-lc-rs, whose default
+/// key-exchange groups put the post-quantum hybrid X25519MLKEM768 first.
+pub fn provider() -> CryptoProvider {
+    rustls::crypto::aws_lc_rs::default_provider()
+}
+
+fn build_state(provider: &CryptoProvider, trust_domain: &str, creds: &Credentials) -> Result<State, TlsError> {
+    let leaf = creds
+        .chain
+        .first()
+        .ok_or(TlsError::NoCertificate("certificate chain"))?;
+    let id = spiffe_id_of(leaf, trust_domain).map_err(|e| TlsError::BadIdentity(e.to_string()))?;
+    let not_after = not_after_of(leaf);
+    let key = CertifiedKey::from_der(creds.chain.clone(), creds.key.clone_key(), provider)
+        .map_err(|e| TlsError::BadIdentity(format!("certificate and key do not match: {e}")))?;
+    let mut roots = RootCertStore::empty();
+    for cert in &creds.bundle {
+        roots
+            .add(cert.clone())
+            .map_err(|e| TlsError::BadBundle(e.to_string()))?;
+    }
+    // Our own certificate must be acceptable to our peers: check it now,
+    // rather than failing every handshake later.
+    let ee = webpki::EndEntityCert::try_from(leaf).map_err(|e| TlsError::BadIdentity(format!("{e:?}")))?;
+    ee.verify_for_usage(
+        provider.signature_verification_algorithms.all,
+        &roots.roots,
+        &creds.chain[1..],
+        UnixTime::now(),
+        webpki::KeyUsage::client_auth(),
+        None,
+        None,
+    )
+    .map_err(|e| TlsError::BadIdentity(format!("does not verify against the trust bundle: {e:?}")))?;
+    Ok(State {
+        key: Arc::new(key),
+        id,
+        not_after,
+        roots,
+    })
+}
+
+/// Why a certificate does not carry an acceptable SPIFFE identity.
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error("certificate cannot be parsed")]
+    Unparsable,
+    #[error("certificate must carry exactly one URI SAN, found {0}")]
+    UriSanCount(usize),
+    #[error("URI SAN is not a valid SPIFFE ID: {0}")]
+    Spiffe(#[from] SpiffeError),
+}
+
+/// The SPIFFE ID of a leaf certificate, which must be in `trust_domain`.
+pub fn spiffe_id_of(cert: &CertificateDer<'_>, trust_domain: &str) -> Result<SpiffeId, IdentityError> {
+    use x509_parser::extensions::GeneralName;
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).map_err(|_| IdentityError::Unparsable)?;
+    let san = parsed
+        .subject_alternative_name()
+        .map_err(|_| IdentityError::Unparsable)?;
+    let uris: Vec<&str> = san
+        .map(|ext| {
+            ext.value
+                .general_names
+                .iter()
+                .filter_map(|n| match n {
+                    GeneralName::URI(u) => Some(*u),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    if uris.len() != 1 {
+        return Err(IdentityError::UriSanCount(uris.len()));
+    }
+    Ok(SpiffeId::parse_in(uris[0], trust_domain)?)
+}
+
+/// The not-after time of a certificate, if it parses.
+pub fn not_after_of(cert: &CertificateDer<'_>) -> Option<std::time::SystemTime> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    let secs = parsed.validity().not_after.timestamp();
+    let secs = u64::try_from(secs).ok()?;
+    Some(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs))
+}
+
+/// The verified SPIFFE ID of the peer of an established QUIC connection.
+pub fn peer_id(conn: &quinn::Connection, trust_domain: &str) -> Option<SpiffeId> {
+    let certs = conn
+        .peer_identity()?
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .ok()?;
+    spiffe_id_of(certs.first()?, trust_domain).ok()
+}
+
+fn webpki_error(e: webpki::Error) -> rustls::Error {
+    use webpki::Error as E;
+    let ce = match e {
+        E::CertExpired { .. } => CertificateError::Expired,
+        E::CertNotValidYet { .. } => CertificateError::NotValidYet,
+        E::UnknownIssuer => CertificateError::UnknownIssuer,
+        E::InvalidSignatureForPublicKey => CertificateError::BadSignature,
+        E::RequiredEkuNotFoundContext(_) => CertificateError::InvalidPurpose,
+        E::BadDer | E::BadDerTime => CertificateError::BadEncoding,
+        other => CertificateError::Other(rustls::OtherError(Arc::new(WebpkiError(format!("{other:?}"))))),
+    };
+    rustls::Error::InvalidCertificate(ce)
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct WebpkiError(String);
+
+/// Verifies peers in both roles.
+#[derive(Debug)]
+struct PeerVerifier(Arc<MeshTls>);
+
+impl ClientCertVerifier for PeerVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+    fn client_auth_mandatory(&self) -> bool {
+        true
+    }
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.0
+            .verify_peer(end_entity, intermediates, now, webpki::KeyUsage::client_auth())?;
+        Ok(ClientCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls13RequiredForQuic,
+        ))
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.provider.signature_verification_algorithms)
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+impl ServerCertVerifier for PeerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        self.0
+            .verify_peer(end_entity, intermediates, now, webpki::KeyUsage::server_auth())?;
+        Ok(ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        ClientCertVerifier::verify_tls12_signature(self, message, cert, dss)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        ClientCertVerifier::verify_tls13_signature(self, message, cert, dss)
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        ClientCertVerifier::supported_verify_schemes(self)
+    }
+}
+
+/// Presents our current certificate in both roles.
+#[derive(Debug)]
+struct Resolver(Arc<MeshTls>);
+
+impl rustls::server::ResolvesServerCert for Resolver {
+    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.state.load().key.clone())
+    }
+}
+
+impl rustls::client::ResolvesClientCert for Resolver {
+    fn resolve(&self, _hints: &[&[u8]], _schemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.state.load().key.clone())
+    }
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
