@@ -1,1 +1,327 @@
+//! Test harness for Weft's end-to-end tests: a CA made at test time, real
+//! sidecars (in-process, on loopback, ephemeral ports), real apps, and
+//! helpers to read what the sidecars export. No mocks: every byte crosses
+//! real QUIC with real mTLS.
 
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use weft_proxy::mesh::{Endpoint, Mesh, Protocol, Service};
+use weft_proxy::metrics::{parse_text, Sample};
+use weft_proxy::{IdentitySource, Limits, Sidecar, SidecarConfig};
+use weft_transport::Credentials;
+
+pub const TD: &str = "test.weft.local";
+
+/// A CA created in a temporary directory for one test.
+pub struct TestCa {
+    pub dir: tempfile::TempDir,
+    pub ca: weft_ca::Ca,
+}
+
+impl TestCa {
+    pub fn new(trust_domain: &str) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = weft_ca::Ca::init(dir.path(), trust_domain).expect("init CA");
+        TestCa { dir, ca }
+    }
+
+    /// Credentials for `spiffe://<td>/ns/test/sa/<name>`.
+    pub fn creds(&self, name: &str) -> Credentials {
+        self.creds_for(&self.id(name), Duration::from_secs(3600))
+    }
+
+    pub fn id(&self, name: &str) -> String {
+        format!("spiffe://{}/ns/test/sa/{name}", self.ca.trust_domain())
+    }
+
+    pub fn creds_for(&self, id: &str, ttl: Duration) -> Credentials {
+        let issued = self.ca.issue(id, ttl).expect("issue");
+        Credentials::from_pem(
+            issued.cert_chain_pem.as_bytes(),
+            issued.key_pem.as_bytes(),
+            issued.bundle_pem.as_bytes(),
+        )
+        .expect("parse issued credentials")
+    }
+}
+
+pub fn any_port() -> SocketAddr {
+    "127.0.0.1:0".parse().expect("addr")
+}
+
+/// A mesh with the given services and no endpoints yet.
+pub fn mesh(trust_domain: &str, services: &[(&str, Protocol)]) -> Mesh {
+    Mesh {
+        trust_domain: trust_domain.into(),
+        services: services
+            .iter()
+            .map(|(name, protocol)| {
+                (
+                    name.to_string(),
+                    Service {
+                        name: name.to_string(),
+                        protocol: *protocol,
+                        port: 0,
+                        endpoints: vec![],
+                    },
+                )
+            })
+            .collect(),
+    }
+}
+
+pub fn with_endpoint(mut mesh: Mesh, service: &str, addr: SocketAddr) -> Mesh {
+    if let Some(s) = mesh.services.get_mut(service) {
+        s.endpoints.push(Endpoint {
+            addr,
+            labels: BTreeMap::new(),
+        });
+    }
+    mesh
+}
+
+pub async fn sidecar(
+    mesh: &Mesh,
+    creds: Credentials,
+    app: Option<SocketAddr>,
+    upstreams: &[&str],
+    limits: Limits,
+) -> Sidecar {
+    Sidecar::start(SidecarConfig {
+        mesh: mesh.clone(),
+        identity: IdentitySource::Static(creds),
+        inbound: any_port(),
+        admin: any_port(),
+        app,
+        upstreams: upstreams.iter().map(|s| (s.to_string(), any_port())).collect(),
+        limits,
+    })
+    .await
+    .expect("sidecar starts")
+}
+
+/// A client sidecar (`customer`, with upstream listeners for `services`) and
+/// a server sidecar (`server`) in front of `app`, which serves every service.
+pub struct Pair {
+    pub ca: TestCa,
+    pub client: Sidecar,
+    pub server: Sidecar,
+    pub mesh: Mesh,
+}
+
+impl Pair {
+    pub async fn start(services: &[(&str, Protocol)], app: SocketAddr) -> Pair {
+        Self::start_with(services, app, Limits::default()).await
+    }
+
+    pub async fn start_with(services: &[(&str, Protocol)], app: SocketAddr, limits: Limits) -> Pair {
+        let ca = TestCa::new(TD);
+        let m = mesh(TD, services);
+        let names: Vec<&str> = services.iter().map(|(n, _)| *n).collect();
+        let server = sidecar(&m, ca.creds("server"), Some(app), &[], limits.clone()).await;
+        let client = sidecar(&m, ca.creds("customer"), None, &names, limits).await;
+        let mut m = m;
+        for n in &names {
+            m = with_endpoint(m, n, server.inbound_addr);
+        }
+        client.set_mesh(m.clone());
+        server.set_mesh(m.clone());
+        Pair {
+            ca,
+            client,
+            server,
+            mesh: m,
+        }
+    }
+
+    /// The local address the app uses to reach `service` through the client sidecar.
+    pub fn upstream(&self, service: &str) -> SocketAddr {
+        self.client.upstream_addrs[service]
+    }
+}
+
+/// What the HTTP test app saw.
+#[derive(Default)]
+pub struct AppSeen {
+    pub requests: AtomicU64,
+    pub body_bytes: AtomicU64,
+    pub connections: AtomicU64,
+}
+
+/// An HTTP/1.1 app. Responses:
+/// - `GET /big?bytes=N`: N bytes of a repeating pattern;
+/// - any other request: a body echoing the request body, with headers
+///   `x-seen-peer-id` (the `x-weft-peer-id` it received, or "none"),
+///   `x-seen-method`, `x-seen-path`, `x-seen-host`, `x-seen-len`.
+pub async fn http_app() -> (SocketAddr, Arc<AppSeen>) {
+    let listener = TcpListener::bind(any_port()).await.expect("bind app");
+    let addr = listener.local_addr().expect("addr");
+    let seen = Arc::new(AppSeen::default());
+    let seen2 = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            seen2.connections.fetch_add(1, Ordering::SeqCst);
+            let seen = seen2.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let seen = seen.clone();
+                    async move {
+                        seen.requests.fetch_add(1, Ordering::SeqCst);
+                        let h = |name: &str| {
+                            req.headers()
+                                .get(name)
+                                .and_then(|v| v.to_str().ok())
+                                .unwrap_or("none")
+                                .to_string()
+                        };
+                        let peer = h("x-weft-peer-id");
+                        let host = h("host");
+                        let method = req.method().to_string();
+                        let path = req.uri().path().to_string();
+                        let query = req.uri().query().unwrap_or("").to_string();
+                        if path == "/big" {
+                            let n: usize = query
+                                .strip_prefix("bytes=")
+                                .and_then(|v| v.parse().ok())
+                                .unwrap_or(0);
+                            let body = pattern(n);
+                            return Ok::<_, std::convert::Infallible>(
+                                http::Response::new(Full::new(Bytes::from(body))),
+                            );
+                        }
+                        let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                        seen.body_bytes.fetch_add(body.len() as u64, Ordering::SeqCst);
+                        let resp = http::Response::builder()
+                            .header("x-seen-peer-id", peer)
+                            .header("x-seen-method", method)
+                            .header("x-seen-path", path)
+                            .header("x-seen-host", host)
+                            .header("x-seen-len", body.len().to_string())
+                            .body(Full::new(body))
+                            .expect("response");
+                        Ok(resp)
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// Deterministic test bytes.
+pub fn pattern(n: usize) -> Vec<u8> {
+    (0..n).map(|i| (i % 251) as u8).collect()
+}
+
+/// What the TCP echo app saw.
+#[derive(Default)]
+pub struct EchoSeen {
+    pub connections: AtomicU64,
+    pub bytes: AtomicU64,
+}
+
+/// A TCP echo app: echoes everything, and closes its write side after the
+/// client half-closes (so half-close must cross the mesh for a test to end).
+pub async fn tcp_echo_app() -> (SocketAddr, Arc<EchoSeen>) {
+    let listener = TcpListener::bind(any_port()).await.expect("bind echo");
+    let addr = listener.local_addr().expect("addr");
+    let seen = Arc::new(EchoSeen::default());
+    let seen2 = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            seen2.connections.fetch_add(1, Ordering::SeqCst);
+            let seen = seen2.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 << 10];
+                loop {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            seen.bytes.fetch_add(n as u64, Ordering::SeqCst);
+                            if stream.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+                let _ = stream.shutdown().await;
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// Fetch and parse a sidecar's `/metrics` over HTTP, as Prometheus would.
+pub async fn scrape(admin: SocketAddr) -> Vec<Sample> {
+    let (status, body) = admin_get(admin, "/metrics").await;
+    assert_eq!(status, 200, "/metrics status");
+    parse_text(&body)
+}
+
+/// GET a path on an admin server: (status, body).
+pub async fn admin_get(admin: SocketAddr, path: &str) -> (u16, String) {
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Full<Bytes>>();
+    let resp = client
+        .get(format!("http://{admin}{path}").parse().expect("uri"))
+        .await
+        .expect("admin request");
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await.expect("admin body").to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+pub use weft_proxy::metrics::sum as metric_sum;
+
+/// Path of a workspace binary (`weft`, `weft-ca`), built by cargo for the
+/// integration tests of its own crate; built on demand if missing.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/debug/deps/<test> -> target/debug/<name>
+    let dir = exe
+        .parent()
+        .and_then(|p| p.parent())
+        .expect("target dir")
+        .to_path_buf();
+    let path = dir.join(name);
+    if !path.exists() {
+        let pkg = if name == "weft" { "weft-proxy" } else { "weft-ca" };
+        let status = std::process::Command::new(env!("CARGO"))
+            .args(["build", "-p", pkg, "--bin", name])
+            .status()
+            .expect("cargo build");
+        assert!(status.success(), "building {name}");
+    }
+    path
+}
+
+/// Poll `f` until it returns true or `timeout` passes (readiness, not sleep-as-sync).
+pub async fn wait_until<F, Fut>(timeout: Duration, mut f: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if f().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
