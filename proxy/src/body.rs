@@ -129,12 +129,17 @@ pub async fn h3_to_channel<R: H3Source>(
 /// Something that can take body frames: the send half of an h3 request
 /// stream, client or server side.
 pub trait H3Sink {
-    fn send_data(&mut self, b: Bytes) -> impl std::future::Future<Output = Result<(), h3::error::StreamError>> + Send;
+    fn send_data(
+        &mut self,
+        b: Bytes,
+    ) -> impl std::future::Future<Output = Result<(), h3::error::StreamError>> + Send;
     fn send_trailers(
         &mut self,
         t: http::HeaderMap,
     ) -> impl std::future::Future<Output = Result<(), h3::error::StreamError>> + Send;
-    fn finish(&mut self) -> impl std::future::Future<Output = Result<(), h3::error::StreamError>> + Send;
+    fn finish(
+        &mut self,
+    ) -> impl std::future::Future<Output = Result<(), h3::error::StreamError>> + Send;
     /// Abort the stream (RESET_STREAM with H3_REQUEST_CANCELLED).
     fn cancel(&mut self);
 }

@@ -12,7 +12,11 @@ use crate::mesh::Mesh;
 use crate::sidecar::{IdentitySource, Limits, SidecarConfig};
 
 #[derive(Debug, Parser)]
-#[command(name = "weft", version, about = "Weft: a service mesh whose sidecars talk QUIC with mutual TLS")]
+#[command(
+    name = "weft",
+    version,
+    about = "Weft: a service mesh whose sidecars talk QUIC with mutual TLS"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -21,7 +25,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run a sidecar next to one service instance.
-    Sidecar(SidecarArgs),
+    Sidecar(Box<SidecarArgs>),
     /// Validate a mesh file; exits non-zero and lists every error.
     Check {
         #[arg(long, env = "WEFT_MESH", value_name = "FILE")]
@@ -56,10 +60,20 @@ pub struct SidecarArgs {
     #[arg(long, env = "WEFT_SPIFFE_ID", value_name = "ID")]
     pub spiffe_id: Option<String>,
     /// UDP address of the inbound QUIC endpoint.
-    #[arg(long, env = "WEFT_INBOUND", value_name = "ADDR", default_value = "0.0.0.0:15008")]
+    #[arg(
+        long,
+        env = "WEFT_INBOUND",
+        value_name = "ADDR",
+        default_value = "0.0.0.0:15008"
+    )]
     pub inbound: SocketAddr,
     /// Admin HTTP address (/ready /live /metrics /config /certs).
-    #[arg(long, env = "WEFT_ADMIN", value_name = "ADDR", default_value = "127.0.0.1:15000")]
+    #[arg(
+        long,
+        env = "WEFT_ADMIN",
+        value_name = "ADDR",
+        default_value = "127.0.0.1:15000"
+    )]
     pub admin: SocketAddr,
     /// The local app that inbound traffic is forwarded to.
     #[arg(long, env = "WEFT_APP", value_name = "ADDR")]
@@ -95,21 +109,25 @@ impl SidecarArgs {
         let read = |p: &PathBuf, what: &str| {
             std::fs::read_to_string(p).map_err(|e| format!("reading {what} {}: {e}", p.display()))
         };
-        let identity = match (&self.cert_dir, &self.ca) {
-            (Some(dir), None) => IdentitySource::CertDir(dir.clone()),
-            (None, Some(url)) => {
-                // clap's `requires_all` guarantees both are present.
-                let bundle = self.ca_bundle.as_ref().ok_or("--ca needs --ca-bundle")?;
-                let token = self.token_file.as_ref().ok_or("--ca needs --token-file")?;
-                IdentitySource::Ca {
-                    url: url.clone(),
-                    bundle_pem: read(bundle, "--ca-bundle")?,
-                    token: read(token, "--token-file")?.trim().to_string(),
-                    expect_id: self.spiffe_id.clone(),
+        let identity =
+            match (&self.cert_dir, &self.ca) {
+                (Some(dir), None) => IdentitySource::CertDir(dir.clone()),
+                (None, Some(url)) => {
+                    // clap's `requires_all` guarantees both are present.
+                    let bundle = self.ca_bundle.as_ref().ok_or("--ca needs --ca-bundle")?;
+                    let token = self.token_file.as_ref().ok_or("--ca needs --token-file")?;
+                    IdentitySource::Ca {
+                        url: url.clone(),
+                        bundle_pem: read(bundle, "--ca-bundle")?,
+                        token: read(token, "--token-file")?.trim().to_string(),
+                        expect_id: self.spiffe_id.clone(),
+                    }
                 }
-            }
-            _ => return Err("give either --cert-dir DIR or --ca URL (with --ca-bundle and --token-file)".into()),
-        };
+                _ => return Err(
+                    "give either --cert-dir DIR or --ca URL (with --ca-bundle and --token-file)"
+                        .into(),
+                ),
+            };
         Ok(SidecarConfig {
             mesh,
             identity,

@@ -23,7 +23,11 @@ pub struct CopyResult {
     pub error: Option<String>,
 }
 
-pub async fn bidi(tcp: TcpStream, mut send: quinn::SendStream, mut recv: quinn::RecvStream) -> CopyResult {
+pub async fn bidi(
+    tcp: TcpStream,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) -> CopyResult {
     let (mut tr, mut tw) = tcp.into_split();
     let mut to_peer = 0u64;
     let mut from_peer = 0u64;
@@ -35,7 +39,9 @@ pub async fn bidi(tcp: TcpStream, mut send: quinn::SendStream, mut recv: quinn::
                 send.finish().map_err(std::io::Error::other)?;
                 return Ok::<_, std::io::Error>(());
             }
-            send.write_all(&buf[..n]).await.map_err(std::io::Error::from)?;
+            send.write_all(&buf[..n])
+                .await
+                .map_err(std::io::Error::from)?;
             to_peer += n as u64;
         }
     };

@@ -139,7 +139,11 @@ async fn run_in(dir: &std::path::Path, duration: Option<Duration>) -> anyhow::Re
     for sc in [&customer, &payment, &echo] {
         sc.set_mesh(mesh.clone());
     }
-    let sidecars = [("customer", &customer), ("payment", &payment), ("echo", &echo)];
+    let sidecars = [
+        ("customer", &customer),
+        ("payment", &payment),
+        ("echo", &echo),
+    ];
     for (name, sc) in sidecars {
         println!(
             "  {name:<9} sidecar  identity {}  QUIC udp/{}  admin http://{}/",
@@ -158,7 +162,11 @@ async fn run_in(dir: &std::path::Path, duration: Option<Duration>) -> anyhow::Re
     let echo_addr = customer.upstream_addrs["echo"];
     let mut workers = Vec::new();
     for w in 0..HTTP_WORKERS {
-        workers.push(tokio::spawn(http_worker(payment_url.clone(), w, stats.clone())));
+        workers.push(tokio::spawn(http_worker(
+            payment_url.clone(),
+            w,
+            stats.clone(),
+        )));
     }
     workers.push(tokio::spawn(tcp_worker(echo_addr, stats.clone())));
 
@@ -217,7 +225,10 @@ async fn run_in(dir: &std::path::Path, duration: Option<Duration>) -> anyhow::Re
         stats.quantile_ms(0.5),
         stats.quantile_ms(0.99),
     );
-    println!("  TCP  customer -> echo:    {} connections, {tcp_failed} failed", tcp_ok + tcp_failed);
+    println!(
+        "  TCP  customer -> echo:    {} connections, {tcp_failed} failed",
+        tcp_ok + tcp_failed
+    );
     println!(
         "  QUIC connections dialed by the customer sidecar: {quic_out} (one per peer and protocol, shared by all requests)"
     );
@@ -279,7 +290,8 @@ async fn http_worker(url: String, worker: usize, stats: Arc<Stats>) {
             Ok(resp) => {
                 let status = resp.status();
                 let body = resp.into_body().collect().await.map(|b| b.to_bytes());
-                status.is_success() && matches!(body, Ok(b) if b.starts_with(b"{\"status\":\"charged\""))
+                status.is_success()
+                    && matches!(body, Ok(b) if b.starts_with(b"{\"status\":\"charged\""))
             }
             Err(_) => false,
         };
@@ -323,17 +335,28 @@ async fn start_payment_app() -> anyhow::Result<SocketAddr> {
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
             tokio::spawn(async move {
-                let svc = hyper::service::service_fn(|req: http::Request<hyper::body::Incoming>| async move {
-                    let caller = req
-                        .headers()
-                        .get(crate::headers::PEER_ID)
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or("unknown")
-                        .to_string();
-                    let body = req.into_body().collect().await.map(|b| b.to_bytes().len()).unwrap_or(0);
-                    let reply = format!("{{\"status\":\"charged\",\"caller\":\"{caller}\",\"bytes\":{body}}}");
-                    Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::from(reply))))
-                });
+                let svc = hyper::service::service_fn(
+                    |req: http::Request<hyper::body::Incoming>| async move {
+                        let caller = req
+                            .headers()
+                            .get(crate::headers::PEER_ID)
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("unknown")
+                            .to_string();
+                        let body = req
+                            .into_body()
+                            .collect()
+                            .await
+                            .map(|b| b.to_bytes().len())
+                            .unwrap_or(0);
+                        let reply = format!(
+                            "{{\"status\":\"charged\",\"caller\":\"{caller}\",\"bytes\":{body}}}"
+                        );
+                        Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
+                            Bytes::from(reply),
+                        )))
+                    },
+                );
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), svc)
                     .await;

@@ -19,7 +19,9 @@ pub(crate) async fn obtain(src: &IdentitySource) -> Result<Credentials, SidecarE
         } => {
             let issued = weft_ca::client::request_certificate(url, bundle_pem, token.trim())
                 .await
-                .map_err(|e| SidecarError::Identity(format!("getting a certificate from {url}: {e}")))?;
+                .map_err(|e| {
+                    SidecarError::Identity(format!("getting a certificate from {url}: {e}"))
+                })?;
             let creds = Credentials::from_pem(
                 issued.cert_chain_pem.as_bytes(),
                 issued.key_pem.as_bytes(),

@@ -133,11 +133,7 @@ type ServerStream = h3::server::RequestStream<h3_quinn::BidiStream<Bytes>, Bytes
 
 async fn h3_request(ctx: Arc<Ctx>, peer: &SpiffeId, req: Request<()>, stream: ServerStream) {
     let start = Instant::now();
-    let service = req
-        .uri()
-        .host()
-        .map(str::to_string)
-        .unwrap_or_default();
+    let service = req.uri().host().map(str::to_string).unwrap_or_default();
     let (mut send, recv) = stream.split();
     let resp = forward_to_app(&ctx, peer, &service, req, recv).await;
     let status = resp.status();
@@ -218,9 +214,13 @@ async fn forward_to_app(
     match ctx.app_client.request(req).await {
         Ok(resp) => {
             let (parts, body) = resp.into_parts();
-            Response::from_parts(parts, http_body_util::BodyExt::boxed_unsync(
-                http_body_util::BodyExt::map_err(body, |e| Box::new(e) as body::BoxError),
-            ))
+            Response::from_parts(
+                parts,
+                http_body_util::BodyExt::boxed_unsync(http_body_util::BodyExt::map_err(
+                    body,
+                    |e| Box::new(e) as body::BoxError,
+                )),
+            )
         }
         Err(e) => {
             pump.abort();
@@ -249,7 +249,12 @@ async fn l4_connection(ctx: &Arc<Ctx>, conn: quinn::Connection, peer: SpiffeId) 
     }
 }
 
-async fn l4_stream(ctx: Arc<Ctx>, peer: &SpiffeId, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+async fn l4_stream(
+    ctx: Arc<Ctx>,
+    peer: &SpiffeId,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
     let req = match tokio::time::timeout(PREAMBLE_TIMEOUT, read_request(&mut recv)).await {
         Ok(Ok(req)) => req,
         Ok(Err(msg)) => {
@@ -277,17 +282,31 @@ async fn l4_stream(ctx: Arc<Ctx>, peer: &SpiffeId, mut send: quinn::SendStream, 
         return;
     }
     let Some(app) = ctx.app else {
-        refuse(send, recv, Status::ConnectFailed, "no --app configured".into()).await;
+        refuse(
+            send,
+            recv,
+            Status::ConnectFailed,
+            "no --app configured".into(),
+        )
+        .await;
         return;
     };
-    let tcp = match tokio::time::timeout(APP_CONNECT_TIMEOUT, tokio::net::TcpStream::connect(app)).await {
+    let tcp = match tokio::time::timeout(APP_CONNECT_TIMEOUT, tokio::net::TcpStream::connect(app))
+        .await
+    {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             refuse(send, recv, Status::ConnectFailed, format!("app {app}: {e}")).await;
             return;
         }
         Err(_) => {
-            refuse(send, recv, Status::ConnectFailed, format!("app {app}: connect timed out")).await;
+            refuse(
+                send,
+                recv,
+                Status::ConnectFailed,
+                format!("app {app}: connect timed out"),
+            )
+            .await;
             return;
         }
     };
@@ -322,8 +341,15 @@ async fn l4_stream(ctx: Arc<Ctx>, peer: &SpiffeId, mut send: quinn::SendStream, 
     }
 }
 
-async fn refuse(mut send: quinn::SendStream, mut recv: quinn::RecvStream, status: Status, msg: String) {
-    let _ = send.write_all(&preamble::Response::new(status, msg).encode()).await;
+async fn refuse(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    status: Status,
+    msg: String,
+) {
+    let _ = send
+        .write_all(&preamble::Response::new(status, msg).encode())
+        .await;
     let _ = send.finish();
     let _ = recv.stop(0u32.into());
 }

@@ -64,7 +64,7 @@ async fn run(cmd: Command) -> ExitCode {
             }
         }
         Command::Sidecar(args) => {
-            let cfg = match args.into_config() {
+            let cfg = match (*args).into_config() {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("weft sidecar: {e}");

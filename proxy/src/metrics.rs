@@ -231,10 +231,24 @@ mod tests {
         m.refuse("unauthorized");
         let samples = parse_text(&m.encode());
         assert_eq!(
-            sum(&samples, "weft_requests_total", &[("service", "payment"), ("status", "200")]),
+            sum(
+                &samples,
+                "weft_requests_total",
+                &[("service", "payment"), ("status", "200")]
+            ),
             3.0
         );
-        assert_eq!(sum(&samples, "weft_refused_total", &[("reason", "unauthorized")]), 1.0);
-        assert_eq!(sum(&samples, "weft_refused_total", &[("reason", "other")]), 0.0);
+        assert_eq!(
+            sum(
+                &samples,
+                "weft_refused_total",
+                &[("reason", "unauthorized")]
+            ),
+            1.0
+        );
+        assert_eq!(
+            sum(&samples, "weft_refused_total", &[("reason", "other")]),
+            0.0
+        );
     }
 }

@@ -44,7 +44,9 @@ pub(crate) async fn listen(ctx: Arc<Ctx>, service: String, listener: TcpListener
             match proto {
                 Some(Protocol::Tcp) => tcp(ctx2, service, stream, from).await,
                 Some(Protocol::Http) => http(ctx2, service, stream).await,
-                None => tracing::warn!(%service, "service no longer in the mesh; closing connection"),
+                None => {
+                    tracing::warn!(%service, "service no longer in the mesh; closing connection")
+                }
             }
         });
     }
@@ -117,10 +119,17 @@ async fn request(ctx: Arc<Ctx>, service: String, req: Request<Incoming>) -> Resp
 }
 
 /// Send one request to a peer sidecar; returns the response and the peer's identity.
-async fn forward(ctx: &Arc<Ctx>, service: &str, req: Request<Incoming>) -> (Response<ProxyBody>, String) {
+async fn forward(
+    ctx: &Arc<Ctx>,
+    service: &str,
+    req: Request<Incoming>,
+) -> (Response<ProxyBody>, String) {
     let Some(ep) = pick(ctx, service) else {
         return (
-            error_response(StatusCode::SERVICE_UNAVAILABLE, format!("weft: service {service} has no endpoints")),
+            error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("weft: service {service} has no endpoints"),
+            ),
             String::new(),
         );
     };
@@ -128,7 +137,10 @@ async fn forward(ctx: &Arc<Ctx>, service: &str, req: Request<Incoming>) -> (Resp
         Ok(x) => x,
         Err(e) => {
             return (
-                error_response(StatusCode::SERVICE_UNAVAILABLE, format!("weft: upstream connect error: {e}")),
+                error_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("weft: upstream connect error: {e}"),
+                ),
                 String::new(),
             )
         }
@@ -153,7 +165,10 @@ async fn forward(ctx: &Arc<Ctx>, service: &str, req: Request<Incoming>) -> (Resp
         Ok(u) => u,
         Err(e) => {
             return (
-                error_response(StatusCode::BAD_REQUEST, format!("weft: bad request target: {e}")),
+                error_response(
+                    StatusCode::BAD_REQUEST,
+                    format!("weft: bad request target: {e}"),
+                ),
                 peer,
             )
         }
@@ -170,7 +185,10 @@ async fn forward(ctx: &Arc<Ctx>, service: &str, req: Request<Incoming>) -> (Resp
             } else {
                 StatusCode::BAD_GATEWAY
             };
-            return (error_response(status, format!("weft: sending request to {}: {e}", ep.addr)), peer);
+            return (
+                error_response(status, format!("weft: sending request to {}: {e}", ep.addr)),
+                peer,
+            );
         }
     };
     let (mut send, mut recv) = stream.split();
@@ -186,7 +204,10 @@ async fn forward(ctx: &Arc<Ctx>, service: &str, req: Request<Incoming>) -> (Resp
         Err(e) => {
             upload.abort();
             return (
-                error_response(StatusCode::BAD_GATEWAY, format!("weft: no response from {}: {e}", ep.addr)),
+                error_response(
+                    StatusCode::BAD_GATEWAY,
+                    format!("weft: no response from {}: {e}", ep.addr),
+                ),
                 peer,
             );
         }
@@ -252,16 +273,17 @@ async fn tcp_connect(
     service: &str,
 ) -> Result<(quinn::SendStream, quinn::RecvStream, String), String> {
     let ep = pick(ctx, service).ok_or_else(|| format!("service {service} has no endpoints"))?;
-    let (conn, ()) = ctx
-        .l4_pool
-        .get(ep.addr)
-        .await
-        .map_err(|e| e.to_string())?;
+    let (conn, ()) = ctx.l4_pool.get(ep.addr).await.map_err(|e| e.to_string())?;
     let peer = weft_transport::tls::peer_id(&conn, ctx.tls.trust_domain())
         .map(|id| id.to_string())
         .unwrap_or_default();
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-    let port = ctx.mesh.load().service(service).map(|s| s.port).unwrap_or(0);
+    let port = ctx
+        .mesh
+        .load()
+        .service(service)
+        .map(|s| s.port)
+        .unwrap_or(0);
     let req = preamble::Request {
         target: service.to_string(),
         port,
@@ -271,7 +293,12 @@ async fn tcp_connect(
     send.write_all(&bytes).await.map_err(|e| e.to_string())?;
     let resp = tokio::time::timeout(PREAMBLE_TIMEOUT, read_response(&mut recv))
         .await
-        .map_err(|_| format!("{} did not answer the stream preamble in {PREAMBLE_TIMEOUT:?}", ep.addr))??;
+        .map_err(|_| {
+            format!(
+                "{} did not answer the stream preamble in {PREAMBLE_TIMEOUT:?}",
+                ep.addr
+            )
+        })??;
     if resp.status != preamble::Status::Ok {
         return Err(format!(
             "{} refused the stream: {:?} {}",
@@ -302,4 +329,3 @@ async fn read_response(recv: &mut quinn::RecvStream) -> Result<preamble::Respons
         }
     }
 }
-

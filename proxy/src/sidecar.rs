@@ -153,11 +153,13 @@ impl Sidecar {
         let mut opts = EndpointOptions::new(cfg.inbound);
         opts.max_streams_per_connection = cfg.limits.max_streams_per_connection;
         let endpoint = MeshEndpoint::bind(tls.clone(), &opts)?;
-        let inbound_addr = endpoint.local_addr().map_err(|source| SidecarError::Listen {
-            what: "inbound".into(),
-            addr: cfg.inbound,
-            source,
-        })?;
+        let inbound_addr = endpoint
+            .local_addr()
+            .map_err(|source| SidecarError::Listen {
+                what: "inbound".into(),
+                addr: cfg.inbound,
+                source,
+            })?;
         let metrics = Metrics::new();
         let (drain_tx, drain) = watch::channel(false);
 
@@ -238,11 +240,13 @@ impl Sidecar {
                     addr: *addr,
                     source,
                 })?;
-            let bound = listener.local_addr().map_err(|source| SidecarError::Listen {
-                what: format!("upstream {svc}"),
-                addr: *addr,
-                source,
-            })?;
+            let bound = listener
+                .local_addr()
+                .map_err(|source| SidecarError::Listen {
+                    what: format!("upstream {svc}"),
+                    addr: *addr,
+                    source,
+                })?;
             upstream_addrs.insert(svc.clone(), bound);
             tasks.push(ctx.spawn(crate::outbound::listen(ctx.clone(), svc.clone(), listener)));
         }
@@ -302,7 +306,9 @@ impl Sidecar {
 
     fn stop(&mut self) {
         let _ = self.drain.send(true);
-        self.endpoint.quinn().close(0u32.into(), b"sidecar shutting down");
+        self.endpoint
+            .quinn()
+            .close(0u32.into(), b"sidecar shutting down");
         for t in self.tasks.drain(..) {
             t.abort();
         }

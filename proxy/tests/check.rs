@@ -11,7 +11,11 @@ fn example_mesh_file_is_valid() {
         .args(["check", "--mesh", mesh])
         .output()
         .expect("run weft check");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("ok (2 services"));
 }
 

@@ -103,7 +103,10 @@ pub async fn sidecar(
         inbound: any_port(),
         admin: any_port(),
         app,
-        upstreams: upstreams.iter().map(|s| (s.to_string(), any_port())).collect(),
+        upstreams: upstreams
+            .iter()
+            .map(|s| (s.to_string(), any_port()))
+            .collect(),
         limits,
     })
     .await
@@ -124,7 +127,11 @@ impl Pair {
         Self::start_with(services, app, Limits::default()).await
     }
 
-    pub async fn start_with(services: &[(&str, Protocol)], app: SocketAddr, limits: Limits) -> Pair {
+    pub async fn start_with(
+        services: &[(&str, Protocol)],
+        app: SocketAddr,
+        limits: Limits,
+    ) -> Pair {
         let ca = TestCa::new(TD);
         let m = mesh(TD, services);
         let names: Vec<&str> = services.iter().map(|(n, _)| *n).collect();
@@ -173,45 +180,52 @@ pub async fn http_app() -> (SocketAddr, Arc<AppSeen>) {
             seen2.connections.fetch_add(1, Ordering::SeqCst);
             let seen = seen2.clone();
             tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                    let seen = seen.clone();
-                    async move {
-                        seen.requests.fetch_add(1, Ordering::SeqCst);
-                        let h = |name: &str| {
-                            req.headers()
-                                .get(name)
-                                .and_then(|v| v.to_str().ok())
-                                .unwrap_or("none")
-                                .to_string()
-                        };
-                        let peer = h("x-weft-peer-id");
-                        let host = h("host");
-                        let method = req.method().to_string();
-                        let path = req.uri().path().to_string();
-                        let query = req.uri().query().unwrap_or("").to_string();
-                        if path == "/big" {
-                            let n: usize = query
-                                .strip_prefix("bytes=")
-                                .and_then(|v| v.parse().ok())
-                                .unwrap_or(0);
-                            let body = pattern(n);
-                            return Ok::<_, std::convert::Infallible>(
-                                http::Response::new(Full::new(Bytes::from(body))),
-                            );
+                let svc =
+                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let seen = seen.clone();
+                        async move {
+                            seen.requests.fetch_add(1, Ordering::SeqCst);
+                            let h = |name: &str| {
+                                req.headers()
+                                    .get(name)
+                                    .and_then(|v| v.to_str().ok())
+                                    .unwrap_or("none")
+                                    .to_string()
+                            };
+                            let peer = h("x-weft-peer-id");
+                            let host = h("host");
+                            let method = req.method().to_string();
+                            let path = req.uri().path().to_string();
+                            let query = req.uri().query().unwrap_or("").to_string();
+                            if path == "/big" {
+                                let n: usize = query
+                                    .strip_prefix("bytes=")
+                                    .and_then(|v| v.parse().ok())
+                                    .unwrap_or(0);
+                                let body = pattern(n);
+                                return Ok::<_, std::convert::Infallible>(http::Response::new(
+                                    Full::new(Bytes::from(body)),
+                                ));
+                            }
+                            let body = req
+                                .into_body()
+                                .collect()
+                                .await
+                                .map(|b| b.to_bytes())
+                                .unwrap_or_default();
+                            seen.body_bytes
+                                .fetch_add(body.len() as u64, Ordering::SeqCst);
+                            let resp = http::Response::builder()
+                                .header("x-seen-peer-id", peer)
+                                .header("x-seen-method", method)
+                                .header("x-seen-path", path)
+                                .header("x-seen-host", host)
+                                .header("x-seen-len", body.len().to_string())
+                                .body(Full::new(body))
+                                .expect("response");
+                            Ok(resp)
                         }
-                        let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-                        seen.body_bytes.fetch_add(body.len() as u64, Ordering::SeqCst);
-                        let resp = http::Response::builder()
-                            .header("x-seen-peer-id", peer)
-                            .header("x-seen-method", method)
-                            .header("x-seen-path", path)
-                            .header("x-seen-host", host)
-                            .header("x-seen-len", body.len().to_string())
-                            .body(Full::new(body))
-                            .expect("response");
-                        Ok(resp)
-                    }
-                });
+                    });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), svc)
                     .await;
@@ -280,7 +294,12 @@ pub async fn admin_get(admin: SocketAddr, path: &str) -> (u16, String) {
         .await
         .expect("admin request");
     let status = resp.status().as_u16();
-    let body = resp.into_body().collect().await.expect("admin body").to_bytes();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .expect("admin body")
+        .to_bytes();
     (status, String::from_utf8_lossy(&body).into_owned())
 }
 
@@ -298,7 +317,11 @@ pub fn bin(name: &str) -> PathBuf {
         .to_path_buf();
     let path = dir.join(name);
     if !path.exists() {
-        let pkg = if name == "weft" { "weft-proxy" } else { "weft-ca" };
+        let pkg = if name == "weft" {
+            "weft-proxy"
+        } else {
+            "weft-ca"
+        };
         let status = std::process::Command::new(env!("CARGO"))
             .args(["build", "-p", pkg, "--bin", name])
             .status()
@@ -324,4 +347,243 @@ where
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+// ---------------------------------------------------------------------------
+// Helpers for the HTTP and TCP data-path tests (tests/http.rs, tests/tcp.rs).
+
+/// Period of [`pattern`].
+const PATTERN_PERIOD: usize = 251;
+
+/// `total` bytes of [`pattern`] as chunks of at most `chunk` bytes, without
+/// materialising them: each chunk is a zero-copy slice of one shared buffer.
+pub fn pattern_chunks(total: usize, chunk: usize) -> impl Iterator<Item = Bytes> + Send + 'static {
+    let chunk = chunk.max(1);
+    let period_buf = Bytes::from(pattern(chunk + PATTERN_PERIOD));
+    let mut offset = 0usize;
+    std::iter::from_fn(move || {
+        if offset >= total {
+            return None;
+        }
+        let len = chunk.min(total - offset);
+        let start = offset % PATTERN_PERIOD;
+        offset += len;
+        Some(period_buf.slice(start..start + len))
+    })
+}
+
+/// A running SHA-256 (from the TLS provider the mesh already uses, so it is
+/// optimised even in debug builds).
+pub struct Checksum {
+    ctx: Box<dyn rustls::crypto::hash::Context>,
+    len: u64,
+}
+
+impl Default for Checksum {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Checksum {
+    pub fn new() -> Self {
+        let suite = rustls::crypto::aws_lc_rs::cipher_suite::TLS13_AES_128_GCM_SHA256
+            .tls13()
+            .expect("TLS 1.3 suite");
+        Checksum {
+            ctx: suite.common.hash_provider.start(),
+            len: 0,
+        }
+    }
+
+    pub fn update(&mut self, data: &[u8]) {
+        self.len += data.len() as u64;
+        self.ctx.update(data);
+    }
+
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Hex digest.
+    pub fn hex(self) -> String {
+        self.ctx
+            .finish()
+            .as_ref()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
+    /// Length and digest of the first `n` bytes of [`pattern`].
+    pub fn of_pattern(n: usize) -> (u64, String) {
+        let mut c = Checksum::new();
+        for chunk in pattern_chunks(n, 1 << 20) {
+            c.update(&chunk);
+        }
+        (c.len(), c.hex())
+    }
+}
+
+/// An HTTP/1.1 app that describes the request it received: the response body
+/// is `METHOD PATH?QUERY` on the first line, then one `name: value` line per
+/// header field, in the order received. It also counts requests in `AppSeen`.
+pub async fn http_describe_app() -> (SocketAddr, Arc<AppSeen>) {
+    let listener = TcpListener::bind(any_port()).await.expect("bind app");
+    let addr = listener.local_addr().expect("addr");
+    let seen = Arc::new(AppSeen::default());
+    let seen2 = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            seen2.connections.fetch_add(1, Ordering::SeqCst);
+            let seen = seen2.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let seen = seen.clone();
+                    async move {
+                        seen.requests.fetch_add(1, Ordering::SeqCst);
+                        let target = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
+                        let mut text = format!("{} {target}\n", req.method());
+                        for (name, value) in req.headers() {
+                            text.push_str(&format!("{name}: {}\n", String::from_utf8_lossy(value.as_bytes())));
+                        }
+                        let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                        seen.body_bytes.fetch_add(body.len() as u64, Ordering::SeqCst);
+                        Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::from(text))))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// Parse the body of [`http_describe_app`]: (request line, header fields).
+pub fn parse_description(body: &[u8]) -> (String, Vec<(String, String)>) {
+    let text = String::from_utf8_lossy(body);
+    let mut lines = text.lines();
+    let first = lines.next().unwrap_or_default().to_string();
+    let fields = lines
+        .filter_map(|l| l.split_once(": "))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    (first, fields)
+}
+
+/// An HTTP/1.1 app for bulk transfers that never buffers a whole body:
+/// - `GET /big?bytes=N`: streams N bytes of [`pattern`] in 64 KiB chunks;
+/// - any other request: consumes the request body as it arrives and answers
+///   `x-seen-len` (its length) and `x-seen-sha256` (its SHA-256, hex).
+pub async fn http_stream_app() -> (SocketAddr, Arc<AppSeen>) {
+    let listener = TcpListener::bind(any_port()).await.expect("bind app");
+    let addr = listener.local_addr().expect("addr");
+    let seen = Arc::new(AppSeen::default());
+    let seen2 = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            seen2.connections.fetch_add(1, Ordering::SeqCst);
+            let seen = seen2.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let seen = seen.clone();
+                    async move {
+                        type Body = http_body_util::combinators::BoxBody<Bytes, std::convert::Infallible>;
+                        seen.requests.fetch_add(1, Ordering::SeqCst);
+                        if req.uri().path() == "/big" {
+                            let n: usize = req
+                                .uri()
+                                .query()
+                                .and_then(|q| q.strip_prefix("bytes="))
+                                .and_then(|v| v.parse().ok())
+                                .unwrap_or(0);
+                            let frames = futures::stream::iter(
+                                pattern_chunks(n, 64 << 10)
+                                    .map(|b| Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(b))),
+                            );
+                            let body: Body = http_body_util::StreamBody::new(frames).boxed();
+                            return Ok::<_, hyper::Error>(http::Response::new(body));
+                        }
+                        let mut body = req.into_body();
+                        let mut sum = Checksum::new();
+                        while let Some(frame) = body.frame().await {
+                            if let Ok(data) = frame?.into_data() {
+                                seen.body_bytes.fetch_add(data.len() as u64, Ordering::SeqCst);
+                                sum.update(&data);
+                            }
+                        }
+                        let resp = http::Response::builder()
+                            .header("x-seen-len", sum.len().to_string())
+                            .header("x-seen-sha256", sum.hex())
+                            .body(Full::new(Bytes::new()).boxed())
+                            .expect("response");
+                        Ok(resp)
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// What [`tcp_echo_app_tracked`] saw, including how each connection ended.
+#[derive(Default)]
+pub struct EchoTracked {
+    pub connections: AtomicU64,
+    pub bytes: AtomicU64,
+    /// Connections whose reader saw a clean EOF (the peer half-closed).
+    pub closed_eof: AtomicU64,
+    /// Connections that ended with an error (reset, broken pipe).
+    pub closed_error: AtomicU64,
+}
+
+impl EchoTracked {
+    pub fn closed(&self) -> u64 {
+        self.closed_eof.load(Ordering::SeqCst) + self.closed_error.load(Ordering::SeqCst)
+    }
+}
+
+/// Like [`tcp_echo_app`], but records how each connection ended.
+pub async fn tcp_echo_app_tracked() -> (SocketAddr, Arc<EchoTracked>) {
+    let listener = TcpListener::bind(any_port()).await.expect("bind echo");
+    let addr = listener.local_addr().expect("addr");
+    let seen = Arc::new(EchoTracked::default());
+    let seen2 = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            seen2.connections.fetch_add(1, Ordering::SeqCst);
+            let seen = seen2.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 << 10];
+                let clean = loop {
+                    match stream.read(&mut buf).await {
+                        Ok(0) => break true,
+                        Err(_) => break false,
+                        Ok(n) => {
+                            seen.bytes.fetch_add(n as u64, Ordering::SeqCst);
+                            if stream.write_all(&buf[..n]).await.is_err() {
+                                break false;
+                            }
+                        }
+                    }
+                };
+                if clean {
+                    let _ = stream.shutdown().await;
+                    seen.closed_eof.fetch_add(1, Ordering::SeqCst);
+                } else {
+                    seen.closed_error.fetch_add(1, Ordering::SeqCst);
+                }
+            });
+        }
+    });
+    (addr, seen)
 }

@@ -168,7 +168,11 @@ impl MeshEndpoint {
     }
 
     /// Dial `addr` with the given ALPN (`ALPN_H3` or `ALPN_L4`).
-    pub async fn connect(&self, addr: SocketAddr, alpn: &[u8]) -> Result<quinn::Connection, ConnectError> {
+    pub async fn connect(
+        &self,
+        addr: SocketAddr,
+        alpn: &[u8],
+    ) -> Result<quinn::Connection, ConnectError> {
         let cfg = if alpn == ALPN_H3 {
             self.client_h3.clone()
         } else {

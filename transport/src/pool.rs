@@ -49,7 +49,6 @@ impl Pool<()> {
 }
 
 impl<T: Clone + Send + Sync + 'static> Pool<T> {
-
     /// A pool that runs `setup` once on each new connection.
     pub fn with_setup(
         endpoint: MeshEndpoint,

@@ -102,8 +102,9 @@ pub enum DecodeError {
 fn valid_target(t: &[u8]) -> bool {
     !t.is_empty()
         && t.len() <= 253
-        && t.iter()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'.' | b'-' | b'_'))
+        && t.iter().all(|c| {
+            c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'.' | b'-' | b'_')
+        })
 }
 
 impl Request {
@@ -265,7 +266,10 @@ mod tests {
         }
         let resp = Response::new(Status::Unauthorized, "nope").encode();
         for n in 0..resp.len() {
-            assert!(matches!(Response::decode(&resp[..n]), Err(DecodeError::Incomplete { .. })));
+            assert!(matches!(
+                Response::decode(&resp[..n]),
+                Err(DecodeError::Incomplete { .. })
+            ));
         }
     }
 
@@ -317,8 +321,14 @@ mod tests {
         assert_eq!(used, enc.len());
         assert_eq!(dec.status, Status::ConnectFailed);
         assert!(dec.message.len() <= 255 && dec.message.chars().all(|c| c == 'é'));
-        assert_eq!(Response::decode(&[1, 42, 0]), Err(DecodeError::BadStatus(42)));
-        assert_eq!(Response::decode(&[1, 0, 1, 0xFF]), Err(DecodeError::BadMessage));
+        assert_eq!(
+            Response::decode(&[1, 42, 0]),
+            Err(DecodeError::BadStatus(42))
+        );
+        assert_eq!(
+            Response::decode(&[1, 0, 1, 0xFF]),
+            Err(DecodeError::BadMessage)
+        );
     }
 
     /// Random and mutated inputs never panic and never claim more bytes than given.

@@ -52,7 +52,9 @@ impl SpiffeId {
         if s.len() > MAX_SPIFFE_ID_LEN {
             return Err(SpiffeError::TooLong);
         }
-        let rest = s.strip_prefix("spiffe://").ok_or(SpiffeError::WrongScheme)?;
+        let rest = s
+            .strip_prefix("spiffe://")
+            .ok_or(SpiffeError::WrongScheme)?;
         let (td, path) = match rest.find('/') {
             Some(i) => (&rest[..i], &rest[i..]),
             None => (rest, ""),
@@ -152,13 +154,22 @@ mod tests {
             ("", SpiffeError::Empty),
             ("http://example.org/a", SpiffeError::WrongScheme),
             ("spiffe:///a", SpiffeError::EmptyTrustDomain),
-            ("spiffe://Example.org/a", SpiffeError::BadTrustDomainChar('E')),
-            ("spiffe://example.org:8080/a", SpiffeError::BadTrustDomainChar(':')),
+            (
+                "spiffe://Example.org/a",
+                SpiffeError::BadTrustDomainChar('E'),
+            ),
+            (
+                "spiffe://example.org:8080/a",
+                SpiffeError::BadTrustDomainChar(':'),
+            ),
             ("spiffe://example.org/a//b", SpiffeError::EmptySegment),
             ("spiffe://example.org/a/", SpiffeError::EmptySegment),
             ("spiffe://example.org/a/../b", SpiffeError::DotSegment),
             ("spiffe://example.org/a?x=1", SpiffeError::BadPathChar('?')),
-            ("spiffe://user@example.org/a", SpiffeError::BadTrustDomainChar('@')),
+            (
+                "spiffe://user@example.org/a",
+                SpiffeError::BadTrustDomainChar('@'),
+            ),
         ] {
             assert_eq!(SpiffeId::parse(s), Err(want), "{s}");
         }

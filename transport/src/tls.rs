@@ -15,7 +15,9 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::crypto::CryptoProvider;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::sign::CertifiedKey;
-use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme};
+use rustls::{
+    CertificateError, DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme,
+};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 
@@ -69,7 +71,10 @@ impl Credentials {
     }
 }
 
-fn certs_from_pem(pem: &[u8], what: &'static str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+fn certs_from_pem(
+    pem: &[u8],
+    what: &'static str,
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let certs = CertificateDer::pem_slice_iter(pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|source| TlsError::Pem { what, source })?;
@@ -159,12 +164,17 @@ impl MeshTls {
         )
         .map_err(webpki_error)?;
         spiffe_id_of(end_entity, &self.trust_domain).map_err(|e| {
-            rustls::Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(e))))
+            rustls::Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(
+                Arc::new(e),
+            )))
         })
     }
 
     /// rustls server config: client certificates required, TLS 1.3 only.
-    pub fn server_config(self: &Arc<Self>, alpns: &[&[u8]]) -> Result<rustls::ServerConfig, TlsError> {
+    pub fn server_config(
+        self: &Arc<Self>,
+        alpns: &[&[u8]],
+    ) -> Result<rustls::ServerConfig, TlsError> {
         let mut cfg = rustls::ServerConfig::builder_with_provider(self.provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_client_cert_verifier(Arc::new(PeerVerifier(self.clone())))
@@ -196,7 +206,11 @@ pub fn provider() -> CryptoProvider {
     rustls::crypto::aws_lc_rs::default_provider()
 }
 
-fn build_state(provider: &CryptoProvider, trust_domain: &str, creds: &Credentials) -> Result<State, TlsError> {
+fn build_state(
+    provider: &CryptoProvider,
+    trust_domain: &str,
+    creds: &Credentials,
+) -> Result<State, TlsError> {
     let leaf = creds
         .chain
         .first()
@@ -213,7 +227,8 @@ fn build_state(provider: &CryptoProvider, trust_domain: &str, creds: &Credential
     }
     // Our own certificate must be acceptable to our peers: check it now,
     // rather than failing every handshake later.
-    let ee = webpki::EndEntityCert::try_from(leaf).map_err(|e| TlsError::BadIdentity(format!("{e:?}")))?;
+    let ee = webpki::EndEntityCert::try_from(leaf)
+        .map_err(|e| TlsError::BadIdentity(format!("{e:?}")))?;
     ee.verify_for_usage(
         provider.signature_verification_algorithms.all,
         &roots.roots,
@@ -223,7 +238,9 @@ fn build_state(provider: &CryptoProvider, trust_domain: &str, creds: &Credential
         None,
         None,
     )
-    .map_err(|e| TlsError::BadIdentity(format!("does not verify against the trust bundle: {e:?}")))?;
+    .map_err(|e| {
+        TlsError::BadIdentity(format!("does not verify against the trust bundle: {e:?}"))
+    })?;
     Ok(State {
         key: Arc::new(key),
         id,
@@ -244,9 +261,13 @@ pub enum IdentityError {
 }
 
 /// The SPIFFE ID of a leaf certificate, which must be in `trust_domain`.
-pub fn spiffe_id_of(cert: &CertificateDer<'_>, trust_domain: &str) -> Result<SpiffeId, IdentityError> {
+pub fn spiffe_id_of(
+    cert: &CertificateDer<'_>,
+    trust_domain: &str,
+) -> Result<SpiffeId, IdentityError> {
     use x509_parser::extensions::GeneralName;
-    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).map_err(|_| IdentityError::Unparsable)?;
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref())
+        .map_err(|_| IdentityError::Unparsable)?;
     let san = parsed
         .subject_alternative_name()
         .map_err(|_| IdentityError::Unparsable)?;
@@ -294,7 +315,9 @@ fn webpki_error(e: webpki::Error) -> rustls::Error {
         E::InvalidSignatureForPublicKey => CertificateError::BadSignature,
         E::RequiredEkuNotFoundContext(_) => CertificateError::InvalidPurpose,
         E::BadDer | E::BadDerTime => CertificateError::BadEncoding,
-        other => CertificateError::Other(rustls::OtherError(Arc::new(WebpkiError(format!("{other:?}"))))),
+        other => CertificateError::Other(rustls::OtherError(Arc::new(WebpkiError(format!(
+            "{other:?}"
+        ))))),
     };
     rustls::Error::InvalidCertificate(ce)
 }
@@ -320,8 +343,12 @@ impl ClientCertVerifier for PeerVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        self.0
-            .verify_peer(end_entity, intermediates, now, webpki::KeyUsage::client_auth())?;
+        self.0.verify_peer(
+            end_entity,
+            intermediates,
+            now,
+            webpki::KeyUsage::client_auth(),
+        )?;
         Ok(ClientCertVerified::assertion())
     }
     fn verify_tls12_signature(
@@ -340,10 +367,18 @@ impl ClientCertVerifier for PeerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.provider.signature_verification_algorithms)
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.provider.signature_verification_algorithms,
+        )
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.provider.signature_verification_algorithms.supported_schemes()
+        self.0
+            .provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 
@@ -356,8 +391,12 @@ impl ServerCertVerifier for PeerVerifier {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        self.0
-            .verify_peer(end_entity, intermediates, now, webpki::KeyUsage::server_auth())?;
+        self.0.verify_peer(
+            end_entity,
+            intermediates,
+            now,
+            webpki::KeyUsage::server_auth(),
+        )?;
         Ok(ServerCertVerified::assertion())
     }
     fn verify_tls12_signature(
