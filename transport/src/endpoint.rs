@@ -53,6 +53,13 @@ pub struct EndpointOptions {
     pub idle_timeout: Duration,
     pub keep_alive: Duration,
     pub connect_timeout: Duration,
+    /// Flow-control and socket tuning; the defaults are the constants above
+    /// (bench `quic_tuning` compares alternatives side by side).
+    pub stream_receive_window: u32,
+    pub connection_receive_window: u32,
+    pub send_window: u64,
+    pub udp_buffer_bytes: usize,
+    pub gso: bool,
 }
 
 impl EndpointOptions {
@@ -66,6 +73,11 @@ impl EndpointOptions {
             idle_timeout: IDLE_TIMEOUT,
             keep_alive: KEEP_ALIVE,
             connect_timeout: CONNECT_TIMEOUT,
+            stream_receive_window: STREAM_RECEIVE_WINDOW,
+            connection_receive_window: CONNECTION_RECEIVE_WINDOW,
+            send_window: SEND_WINDOW,
+            udp_buffer_bytes: UDP_BUFFER_BYTES,
+            gso: true,
         }
     }
 }
@@ -131,7 +143,7 @@ impl MeshEndpoint {
         };
         let client_h3 = client(ALPN_H3)?;
         let client_l4 = client(ALPN_L4)?;
-        let socket = udp_socket(opts.bind).map_err(|source| BindError::Io {
+        let socket = udp_socket(opts.bind, opts.udp_buffer_bytes).map_err(|source| BindError::Io {
             addr: opts.bind,
             source,
         })?;
@@ -201,18 +213,18 @@ fn transport_config(opts: &EndpointOptions) -> TransportConfig {
     // HTTP/3 needs three unidirectional streams per side (control, QPACK
     // encoder/decoder); a few spare for extensions.
     t.max_concurrent_uni_streams(VarInt::from_u32(16));
-    t.stream_receive_window(VarInt::from_u32(STREAM_RECEIVE_WINDOW));
-    t.receive_window(VarInt::from_u32(CONNECTION_RECEIVE_WINDOW));
-    t.send_window(SEND_WINDOW);
+    t.stream_receive_window(VarInt::from_u32(opts.stream_receive_window));
+    t.receive_window(VarInt::from_u32(opts.connection_receive_window));
+    t.send_window(opts.send_window);
     t.keep_alive_interval(Some(opts.keep_alive));
     t.max_idle_timeout(IdleTimeout::try_from(opts.idle_timeout).ok());
     // GSO: one syscall sends up to 64 segments; turning it off cost ~35 %
     // throughput on this kernel. quinn falls back by itself where unsupported.
-    t.enable_segmentation_offload(true);
+    t.enable_segmentation_offload(opts.gso);
     t
 }
 
-fn udp_socket(bind: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+fn udp_socket(bind: SocketAddr, buffer: usize) -> std::io::Result<std::net::UdpSocket> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(bind), Type::DGRAM, Some(Protocol::UDP))?;
     if bind.is_ipv6() {
@@ -220,8 +232,8 @@ fn udp_socket(bind: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
         let _ = socket.set_only_v6(false);
     }
     // Best effort: a smaller kernel cap is not fatal, only slower.
-    let _ = socket.set_recv_buffer_size(UDP_BUFFER_BYTES);
-    let _ = socket.set_send_buffer_size(UDP_BUFFER_BYTES);
+    let _ = socket.set_recv_buffer_size(buffer);
+    let _ = socket.set_send_buffer_size(buffer);
     socket.bind(&bind.into())?;
     Ok(socket.into())
 }

@@ -1,0 +1,136 @@
+//! Side-by-side measurement of the QUIC tuning constants in
+//! transport/src/endpoint.rs: single-stream bulk throughput between two Weft
+//! endpoints on loopback (real mTLS, real UDP), for Weft's settings and for
+//! each setting reverted to the library/kernel default. Configurations run
+//! interleaved, several rounds, and the report gives medians and ratios to
+//! Weft's settings, because absolute numbers on a shared machine are noise.
+//!
+//! Run: `cargo run --release -p weft-bench --bin quic_tuning [-- MiB rounds]`
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use weft_transport::endpoint::EndpointOptions;
+use weft_transport::{Credentials, MeshEndpoint, MeshTls, ALPN_L4};
+
+struct Config {
+    name: &'static str,
+    apply: fn(&mut EndpointOptions),
+}
+
+const CONFIGS: &[Config] = &[
+    Config {
+        name: "weft settings",
+        apply: |_| {},
+    },
+    Config {
+        // quinn's defaults: 1.25 MB stream window, unbounded connection window, 10 MB send window.
+        name: "quinn default windows",
+        apply: |o| {
+            o.stream_receive_window = 1_250_000;
+            o.connection_receive_window = u32::MAX >> 2;
+            o.send_window = 10_000_000;
+        },
+    },
+    Config {
+        // What the kernel gives a socket that does not ask (net.core.rmem_default).
+        name: "kernel default UDP buffers",
+        apply: |o| o.udp_buffer_bytes = 212_992,
+    },
+    Config {
+        name: "GSO off",
+        apply: |o| o.gso = false,
+    },
+];
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let mib: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(256);
+    let rounds: usize = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(3);
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(run(mib, rounds))
+}
+
+async fn run(mib: usize, rounds: usize) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let ca = weft_ca::Ca::init(dir.path(), "bench.weft.local")?;
+    let creds = |name: &str| -> anyhow::Result<Credentials> {
+        let c = ca.issue(
+            &format!("spiffe://bench.weft.local/sa/{name}"),
+            Duration::from_secs(3600),
+        )?;
+        Ok(Credentials::from_pem(
+            c.cert_chain_pem.as_bytes(),
+            c.key_pem.as_bytes(),
+            c.bundle_pem.as_bytes(),
+        )?)
+    };
+    let server_tls = MeshTls::new("bench.weft.local", &creds("server")?)?;
+    let client_tls = MeshTls::new("bench.weft.local", &creds("client")?)?;
+    let bytes = mib << 20;
+    println!("single-stream transfer of {mib} MiB over loopback, {rounds} rounds, interleaved");
+    let mut results: Vec<Vec<f64>> = vec![Vec::new(); CONFIGS.len()];
+    for _ in 0..rounds {
+        for (i, cfg) in CONFIGS.iter().enumerate() {
+            let mut opts = EndpointOptions::new("127.0.0.1:0".parse()?);
+            (cfg.apply)(&mut opts);
+            let server = MeshEndpoint::bind(server_tls.clone(), &opts)?;
+            let client = MeshEndpoint::bind(client_tls.clone(), &opts)?;
+            let addr = server.local_addr()?;
+            let sink = tokio::spawn(serve_sink(server.clone()));
+            let rate = transfer(&client, addr, bytes).await.context(cfg.name)?;
+            sink.abort();
+            results[i].push(rate);
+        }
+    }
+    let med = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    let medians: Vec<f64> = results.iter_mut().map(med).collect();
+    println!("{:<28} {:>12} {:>10}", "configuration", "MiB/s (med)", "vs weft");
+    for (cfg, m) in CONFIGS.iter().zip(&medians) {
+        println!("{:<28} {:>12.0} {:>9.2}x", cfg.name, m, m / medians[0]);
+    }
+    Ok(())
+}
+
+/// Accept connections; read each stream to its end, answer with the byte count.
+async fn serve_sink(ep: MeshEndpoint) {
+    while let Some(incoming) = ep.quinn().accept().await {
+        tokio::spawn(async move {
+            let Ok(conn) = incoming.await else { return };
+            while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+                tokio::spawn(async move {
+                    let mut n = 0u64;
+                    while let Ok(Some(chunk)) = recv.read_chunk(1 << 20, false).await {
+                        n += chunk.bytes.len() as u64;
+                    }
+                    let _ = send.write_all(&n.to_be_bytes()).await;
+                    let _ = send.finish();
+                    let _ = send.stopped().await;
+                });
+            }
+        });
+    }
+}
+
+async fn transfer(client: &MeshEndpoint, addr: SocketAddr, bytes: usize) -> anyhow::Result<f64> {
+    let conn = client.connect(addr, ALPN_L4).await?;
+    let (mut send, mut recv) = conn.open_bi().await?;
+    let chunk = bytes::Bytes::from(vec![0x5a; 64 << 10]);
+    let start = Instant::now();
+    let mut sent = 0;
+    while sent < bytes {
+        send.write_chunk(chunk.clone()).await?;
+        sent += chunk.len();
+    }
+    send.finish()?;
+    let mut got = [0u8; 8];
+    recv.read_exact(&mut got).await?;
+    let secs = start.elapsed().as_secs_f64();
+    anyhow::ensure!(u64::from_be_bytes(got) == sent as u64, "receiver counted {} of {sent}", u64::from_be_bytes(got));
+    conn.close(0u32.into(), b"done");
+    Ok(sent as f64 / (1 << 20) as f64 / secs)
+}
