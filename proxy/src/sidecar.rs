@@ -301,7 +301,12 @@ impl Sidecar {
     /// Stop accepting, close connections, end every task.
     pub async fn shutdown(mut self) {
         self.stop();
-        self.endpoint.quinn().wait_idle().await;
+        // Connections were closed above; give the close frames a moment to go out.
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(3),
+            self.endpoint.quinn().wait_idle(),
+        )
+        .await;
     }
 
     fn stop(&mut self) {
