@@ -174,10 +174,13 @@ async fn forward_to_app(
     peer: &SpiffeId,
     service: &str,
     req: Request<()>,
-    recv: h3::server::RequestStream<h3_quinn::RecvStream, Bytes>,
+    mut recv: h3::server::RequestStream<h3_quinn::RecvStream, Bytes>,
 ) -> Response<body::ProxyBody> {
     use crate::outbound::error_response;
+    // An answer that does not need the request body stops the peer sending
+    // it with H3_NO_ERROR (RFC 9114 §4.1), not quinn's drop-time code 0.
     if ctx.mesh.load().service(service).is_none() {
+        recv.stop_sending(h3::error::Code::H3_NO_ERROR);
         ctx.metrics.refuse("unknown_service");
         return error_response(
             StatusCode::MISDIRECTED_REQUEST,
@@ -185,6 +188,7 @@ async fn forward_to_app(
         );
     }
     let Some(app) = ctx.app else {
+        recv.stop_sending(h3::error::Code::H3_NO_ERROR);
         return error_response(
             StatusCode::SERVICE_UNAVAILABLE,
             "weft: this sidecar has no --app to forward to".into(),

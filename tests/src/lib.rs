@@ -442,20 +442,36 @@ pub async fn http_describe_app() -> (SocketAddr, Arc<AppSeen>) {
             seen2.connections.fetch_add(1, Ordering::SeqCst);
             let seen = seen2.clone();
             tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                    let seen = seen.clone();
-                    async move {
-                        seen.requests.fetch_add(1, Ordering::SeqCst);
-                        let target = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
-                        let mut text = format!("{} {target}\n", req.method());
-                        for (name, value) in req.headers() {
-                            text.push_str(&format!("{name}: {}\n", String::from_utf8_lossy(value.as_bytes())));
+                let svc =
+                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let seen = seen.clone();
+                        async move {
+                            seen.requests.fetch_add(1, Ordering::SeqCst);
+                            let target = req
+                                .uri()
+                                .path_and_query()
+                                .map(|p| p.as_str())
+                                .unwrap_or("/");
+                            let mut text = format!("{} {target}\n", req.method());
+                            for (name, value) in req.headers() {
+                                text.push_str(&format!(
+                                    "{name}: {}\n",
+                                    String::from_utf8_lossy(value.as_bytes())
+                                ));
+                            }
+                            let body = req
+                                .into_body()
+                                .collect()
+                                .await
+                                .map(|b| b.to_bytes())
+                                .unwrap_or_default();
+                            seen.body_bytes
+                                .fetch_add(body.len() as u64, Ordering::SeqCst);
+                            Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
+                                Bytes::from(text),
+                            )))
                         }
-                        let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-                        seen.body_bytes.fetch_add(body.len() as u64, Ordering::SeqCst);
-                        Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::from(text))))
-                    }
-                });
+                    });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), svc)
                     .await;
@@ -491,41 +507,48 @@ pub async fn http_stream_app() -> (SocketAddr, Arc<AppSeen>) {
             seen2.connections.fetch_add(1, Ordering::SeqCst);
             let seen = seen2.clone();
             tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                    let seen = seen.clone();
-                    async move {
-                        type Body = http_body_util::combinators::BoxBody<Bytes, std::convert::Infallible>;
-                        seen.requests.fetch_add(1, Ordering::SeqCst);
-                        if req.uri().path() == "/big" {
-                            let n: usize = req
-                                .uri()
-                                .query()
-                                .and_then(|q| q.strip_prefix("bytes="))
-                                .and_then(|v| v.parse().ok())
-                                .unwrap_or(0);
-                            let frames = futures::stream::iter(
-                                pattern_chunks(n, 64 << 10)
-                                    .map(|b| Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(b))),
-                            );
-                            let body: Body = http_body_util::StreamBody::new(frames).boxed();
-                            return Ok::<_, hyper::Error>(http::Response::new(body));
-                        }
-                        let mut body = req.into_body();
-                        let mut sum = Checksum::new();
-                        while let Some(frame) = body.frame().await {
-                            if let Ok(data) = frame?.into_data() {
-                                seen.body_bytes.fetch_add(data.len() as u64, Ordering::SeqCst);
-                                sum.update(&data);
+                let svc =
+                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let seen = seen.clone();
+                        async move {
+                            type Body = http_body_util::combinators::BoxBody<
+                                Bytes,
+                                std::convert::Infallible,
+                            >;
+                            seen.requests.fetch_add(1, Ordering::SeqCst);
+                            if req.uri().path() == "/big" {
+                                let n: usize = req
+                                    .uri()
+                                    .query()
+                                    .and_then(|q| q.strip_prefix("bytes="))
+                                    .and_then(|v| v.parse().ok())
+                                    .unwrap_or(0);
+                                let frames =
+                                    futures::stream::iter(pattern_chunks(n, 64 << 10).map(|b| {
+                                        Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(
+                                            b,
+                                        ))
+                                    }));
+                                let body: Body = http_body_util::StreamBody::new(frames).boxed();
+                                return Ok::<_, hyper::Error>(http::Response::new(body));
                             }
+                            let mut body = req.into_body();
+                            let mut sum = Checksum::new();
+                            while let Some(frame) = body.frame().await {
+                                if let Ok(data) = frame?.into_data() {
+                                    seen.body_bytes
+                                        .fetch_add(data.len() as u64, Ordering::SeqCst);
+                                    sum.update(&data);
+                                }
+                            }
+                            let resp = http::Response::builder()
+                                .header("x-seen-len", sum.len().to_string())
+                                .header("x-seen-sha256", sum.hex())
+                                .body(Full::new(Bytes::new()).boxed())
+                                .expect("response");
+                            Ok(resp)
                         }
-                        let resp = http::Response::builder()
-                            .header("x-seen-len", sum.len().to_string())
-                            .header("x-seen-sha256", sum.hex())
-                            .body(Full::new(Bytes::new()).boxed())
-                            .expect("response");
-                        Ok(resp)
-                    }
-                });
+                    });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), svc)
                     .await;
@@ -586,4 +609,152 @@ pub async fn tcp_echo_app_tracked() -> (SocketAddr, Arc<EchoTracked>) {
         }
     });
     (addr, seen)
+}
+
+// ---------------------------------------------------------------------------
+// Helpers for the security, robustness and CLI tests (tests/security.rs,
+// tests/robustness.rs, tests/cli.rs): a raw QUIC client that can play a
+// misbehaving or foreign peer, and a one-shot HTTP/1.1 GET.
+
+/// A server-certificate verifier for test clients: the chain must lead to
+/// one of the given roots; the server name is ignored, because mesh leaves
+/// carry only a URI SAN (the sidecars check the SPIFFE ID instead).
+#[derive(Debug)]
+pub struct ChainOnlyVerifier {
+    roots: rustls::RootCertStore,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl ChainOnlyVerifier {
+    pub fn new(roots: &[rustls_pki_types::CertificateDer<'static>]) -> Arc<Self> {
+        let mut store = rustls::RootCertStore::empty();
+        for r in roots {
+            store.add(r.clone()).expect("trust anchor");
+        }
+        Arc::new(ChainOnlyVerifier {
+            roots: store,
+            provider: Arc::new(rustls::crypto::aws_lc_rs::default_provider()),
+        })
+    }
+}
+
+impl rustls::client::danger::ServerCertVerifier for ChainOnlyVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &rustls_pki_types::CertificateDer<'_>,
+        intermediates: &[rustls_pki_types::CertificateDer<'_>],
+        _server_name: &rustls_pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let cert = rustls::server::ParsedCertificate::try_from(end_entity)?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &cert,
+            &self.roots,
+            intermediates,
+            now,
+            self.provider.signature_verification_algorithms.all,
+        )?;
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls_pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls_pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// A client certificate chain and its key, as [`quic_client`] takes them.
+pub type ClientCert = (
+    Vec<rustls_pki_types::CertificateDer<'static>>,
+    rustls_pki_types::PrivateKeyDer<'static>,
+);
+
+/// The chain and key of mesh credentials.
+pub fn client_cert(creds: &Credentials) -> ClientCert {
+    (creds.chain.clone(), creds.key.clone_key())
+}
+
+/// A plain quinn client endpoint on loopback: TLS 1.3 (aws-lc-rs), trusting
+/// `roots` for the server's chain, presenting `cert` if given, offering `alpn`.
+pub fn quic_client(
+    roots: &[rustls_pki_types::CertificateDer<'static>],
+    cert: Option<ClientCert>,
+    alpn: &[u8],
+) -> quinn::Endpoint {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("TLS 1.3")
+        .dangerous()
+        .with_custom_certificate_verifier(ChainOnlyVerifier::new(roots));
+    let mut tls = match cert {
+        Some((chain, key)) => builder
+            .with_client_auth_cert(chain, key)
+            .expect("client certificate"),
+        None => builder.with_no_client_auth(),
+    };
+    tls.alpn_protocols = vec![alpn.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).expect("QUIC TLS config");
+    let mut endpoint = quinn::Endpoint::client(any_port()).expect("client endpoint");
+    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+    endpoint
+}
+
+/// Whether a connection ended with a QUIC CRYPTO_ERROR, i.e. a TLS alert
+/// (sent by either side).
+pub fn is_tls_alert(e: &quinn::ConnectionError) -> bool {
+    let code = match e {
+        quinn::ConnectionError::ConnectionClosed(c) => c.error_code,
+        quinn::ConnectionError::TransportError(t) => t.code,
+        _ => return false,
+    };
+    (0x100..0x200).contains(&u64::from(code))
+}
+
+/// One HTTP/1.1 GET on a new TCP connection: (status, headers, body).
+pub async fn http_get(addr: SocketAddr, host: &str, path: &str) -> (u16, http::HeaderMap, Bytes) {
+    let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("HTTP/1.1 handshake");
+    tokio::spawn(conn);
+    let req = http::Request::get(path)
+        .header(http::header::HOST, host)
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let resp = sender.send_request(req).await.expect("response");
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    (status, headers, body)
 }

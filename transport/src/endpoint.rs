@@ -143,10 +143,11 @@ impl MeshEndpoint {
         };
         let client_h3 = client(ALPN_H3)?;
         let client_l4 = client(ALPN_L4)?;
-        let socket = udp_socket(opts.bind, opts.udp_buffer_bytes).map_err(|source| BindError::Io {
-            addr: opts.bind,
-            source,
-        })?;
+        let socket =
+            udp_socket(opts.bind, opts.udp_buffer_bytes).map_err(|source| BindError::Io {
+                addr: opts.bind,
+                source,
+            })?;
         let endpoint = quinn::Endpoint::new(
             quinn::EndpointConfig::default(),
             Some(server),

@@ -89,7 +89,10 @@ async fn run(mib: usize, rounds: usize) -> anyhow::Result<()> {
         v[v.len() / 2]
     };
     let medians: Vec<f64> = results.iter_mut().map(med).collect();
-    println!("{:<28} {:>12} {:>10}", "configuration", "MiB/s (med)", "vs weft");
+    println!(
+        "{:<28} {:>12} {:>10}",
+        "configuration", "MiB/s (med)", "vs weft"
+    );
     for (cfg, m) in CONFIGS.iter().zip(&medians) {
         println!("{:<28} {:>12.0} {:>9.2}x", cfg.name, m, m / medians[0]);
     }
@@ -130,7 +133,11 @@ async fn transfer(client: &MeshEndpoint, addr: SocketAddr, bytes: usize) -> anyh
     let mut got = [0u8; 8];
     recv.read_exact(&mut got).await?;
     let secs = start.elapsed().as_secs_f64();
-    anyhow::ensure!(u64::from_be_bytes(got) == sent as u64, "receiver counted {} of {sent}", u64::from_be_bytes(got));
+    anyhow::ensure!(
+        u64::from_be_bytes(got) == sent as u64,
+        "receiver counted {} of {sent}",
+        u64::from_be_bytes(got)
+    );
     conn.close(0u32.into(), b"done");
     Ok(sent as f64 / (1 << 20) as f64 / secs)
 }

@@ -1,0 +1,304 @@
+//! The binaries as a user runs them: `weft check`, `weft sidecar` (flags,
+//! flag files, env vars), `weft demo`, and the README's two-sidecar
+//! walkthrough with `weft-ca`. Real processes, killed when the test ends.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+use tokio::process::{Child, Command};
+use weft_tests::*;
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+const GOOD_MESH: &str = r#"trust_domain = "example.org"
+[services.payment]
+protocol = "http"
+endpoints = ["127.0.0.1:15108", { addr = "127.0.0.1:15208", labels = { version = "v2" } }]
+[services.echo]
+protocol = "tcp"
+endpoints = ["[::1]:15308"]
+"#;
+
+/// Four independent mistakes: (offending token, part of its message).
+const BAD_MESH: &str = r#"trust_domain = "Example.ORG"
+[services.payment]
+protocol = "smtp"
+endpoints = ["127.0.0.1:notaport"]
+[services.echo]
+protocol = "tcp"
+endpoints = ["127.0.0.1:0"]
+"#;
+const BAD_MESH_ERRORS: [(&str, &str); 4] = [
+    (r#""Example.ORG""#, "trust_domain"),
+    (r#""smtp""#, "unknown protocol"),
+    (r#""127.0.0.1:notaport""#, "not an ip:port address"),
+    (r#""127.0.0.1:0""#, "port 0"),
+];
+
+/// `file:line:col: ` of the first occurrence of `token` in `text` (1-based).
+fn position(file: &str, text: &str, token: &str) -> String {
+    let at = text.find(token).expect("token in text");
+    let line = text[..at].matches('\n').count() + 1;
+    let col = at - text[..at].rfind('\n').map(|i| i + 1).unwrap_or(0) + 1;
+    format!("{file}:{line}:{col}: ")
+}
+
+fn assert_lists_every_error(stderr: &str) {
+    for (token, message) in BAD_MESH_ERRORS {
+        let prefix = position("bad.toml", BAD_MESH, token);
+        assert!(
+            stderr
+                .lines()
+                .any(|l| l.contains(&prefix) && l.contains(message)),
+            "stderr must report {message:?} at {prefix:?}; got:\n{stderr}"
+        );
+    }
+}
+
+fn weft(dir: &Path) -> Command {
+    let mut cmd = Command::new(bin("weft"));
+    cmd.current_dir(dir)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    cmd
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_accepts_a_good_file_and_lists_every_error_of_a_bad_one() {
+    tokio::time::timeout(LIMIT, async {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("good.toml"), GOOD_MESH).expect("write");
+        std::fs::write(dir.path().join("bad.toml"), BAD_MESH).expect("write");
+
+        let out = weft(dir.path())
+            .args(["check", "--mesh", "good.toml"])
+            .output()
+            .await
+            .expect("run weft check");
+        assert!(
+            out.status.success(),
+            "good file: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(String::from_utf8_lossy(&out.stdout).contains("2 services"));
+
+        let out = weft(dir.path())
+            .args(["check", "--mesh", "bad.toml"])
+            .output()
+            .await
+            .expect("run weft check");
+        assert!(!out.status.success(), "a bad file must fail the check");
+        assert_lists_every_error(&String::from_utf8_lossy(&out.stderr));
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sidecar_refuses_to_start_on_a_bad_mesh_file() {
+    tokio::time::timeout(LIMIT, async {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("bad.toml"), BAD_MESH).expect("write");
+        let out = weft(dir.path())
+            .args(["sidecar", "--mesh", "bad.toml", "--cert-dir", "X"])
+            .args(["--inbound", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+            .output()
+            .await
+            .expect("run weft sidecar");
+        assert!(
+            !out.status.success(),
+            "a sidecar must not start on a bad mesh file"
+        );
+        assert!(
+            !String::from_utf8_lossy(&out.stdout).contains("ready"),
+            "it must not report ready"
+        );
+        assert_lists_every_error(&String::from_utf8_lossy(&out.stderr));
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_runs_and_all_traffic_succeeds() {
+    tokio::time::timeout(LIMIT, async {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let out = weft(dir.path())
+            .args(["demo", "--duration", "3"])
+            .output()
+            .await
+            .expect("run weft demo");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "weft demo failed:\n{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            stdout.contains("All traffic succeeded"),
+            "stdout:\n{stdout}"
+        );
+    })
+    .await
+    .expect("test timed out");
+}
+
+/// A running `weft sidecar` and what its ready line said.
+struct Running {
+    _child: Child,
+    admin: SocketAddr,
+    upstreams: Vec<(String, SocketAddr)>,
+}
+
+/// Start `cmd` and wait for its "weft sidecar ready:" line.
+async fn start_sidecar(mut cmd: Command) -> Running {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn weft sidecar");
+    let mut stdout = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let mut stderr = child.stderr.take().expect("stderr");
+    let line = loop {
+        match stdout.next_line().await.expect("read stdout") {
+            Some(l) if l.starts_with("weft sidecar ready:") => break l,
+            Some(_) => continue,
+            None => {
+                let mut err = String::new();
+                let _ = stderr.read_to_string(&mut err).await;
+                panic!(
+                    "weft sidecar exited before it was ready: {:?}\n{err}",
+                    child.wait().await
+                );
+            }
+        }
+    };
+    // Keep draining both pipes so the sidecar never blocks on a full one.
+    tokio::spawn(async move { while let Ok(Some(_)) = stdout.next_line().await {} });
+    tokio::spawn(async move { tokio::io::copy(&mut stderr, &mut tokio::io::sink()).await });
+    let field = |name: &str| {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(name))
+            .unwrap_or_else(|| panic!("{name} in {line:?}"))
+            .to_string()
+    };
+    let admin = field("admin=").parse().expect("admin address");
+    let list = field("upstreams=");
+    let upstreams = list
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            let (svc, addr) = s.split_once('=').expect("SERVICE=ADDR");
+            (svc.to_string(), addr.parse().expect("upstream address"))
+        })
+        .collect();
+    Running {
+        _child: child,
+        admin,
+        upstreams,
+    }
+}
+
+async fn weft_ca(dir: &Path, args: &[&str]) {
+    let out = Command::new(bin("weft-ca"))
+        .current_dir(dir)
+        .args(args)
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .expect("run weft-ca");
+    assert!(
+        out.status.success(),
+        "weft-ca {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The README's "two sidecars by hand", on ephemeral ports.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readme_walkthrough_with_flag_files() {
+    tokio::time::timeout(LIMIT, async {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = dir.path();
+        let td = "example.org";
+        let payment_id = format!("spiffe://{td}/ns/default/sa/payment");
+        let customer_id = format!("spiffe://{td}/ns/default/sa/customer");
+
+        weft_ca(d, &["init", "--dir", "ca", "--trust-domain", td]).await;
+        weft_ca(d, &["issue", "--dir", "ca", "--spiffe-id", &payment_id, "--out", "certs/payment"]).await;
+        weft_ca(d, &["issue", "--dir", "ca", "--spiffe-id", &customer_id, "--out", "certs/customer"]).await;
+
+        // The mesh file must name the server's inbound port before the server
+        // runs, so pick a free UDP port and release it. Small race: another
+        // process could take it before the sidecar binds it (then the sidecar
+        // fails to start and the test reports that).
+        let inbound = {
+            let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("probe UDP port");
+            s.local_addr().expect("addr")
+        };
+        std::fs::write(
+            d.join("mesh.toml"),
+            format!("trust_domain = \"{td}\"\n[services.payment]\nprotocol = \"http\"\nendpoints = [\"{inbound}\"]\n"),
+        )
+        .expect("mesh");
+
+        let (app, seen) = http_app().await;
+        std::fs::write(
+            d.join("payment.flags"),
+            format!(
+                "# the payment sidecar\n--mesh mesh.toml\n--cert-dir certs/payment\n--inbound {inbound}\n--app {app}\n"
+            ),
+        )
+        .expect("payment flags");
+        std::fs::write(
+            d.join("customer.flags"),
+            "--mesh mesh.toml\n--cert-dir certs/customer\n--inbound 127.0.0.1:0\n\
+             --admin 127.0.0.1:0\n--upstream payment=127.0.0.1:0\n",
+        )
+        .expect("customer flags");
+
+        let mut cmd = weft(d);
+        // The payment sidecar's admin address comes from the environment only.
+        cmd.args(["sidecar", "@payment.flags"]).env("WEFT_ADMIN", "127.0.0.1:0");
+        let payment = start_sidecar(cmd).await;
+        let mut cmd = weft(d);
+        cmd.args(["sidecar", "@customer.flags"]).env_remove("WEFT_ADMIN");
+        let customer = start_sidecar(cmd).await;
+
+        // WEFT_ADMIN was honoured: not the default 127.0.0.1:15000.
+        assert_ne!(payment.admin.port(), 15000);
+        let (status, _) = admin_get(payment.admin, "/ready").await;
+        assert_eq!(status, 200);
+        let (status, body) = admin_get(payment.admin, "/config").await;
+        assert_eq!(status, 200);
+        let config: serde_json::Value = serde_json::from_str(&body).expect("/config is JSON");
+        assert_eq!(config["sidecar"]["identity"], payment_id.as_str(), "{config}");
+        let (status, _) = admin_get(customer.admin, "/ready").await;
+        assert_eq!(status, 200);
+
+        let upstream = customer
+            .upstreams
+            .iter()
+            .find(|(s, _)| s == "payment")
+            .map(|(_, a)| *a)
+            .expect("payment upstream in the ready line");
+        let (status, headers, _) = http_get(upstream, "payment", "/walkthrough").await;
+        assert_eq!(status, 200);
+        assert_eq!(
+            headers.get("x-seen-peer-id").and_then(|v| v.to_str().ok()),
+            Some(customer_id.as_str()),
+            "the app sees the caller's SPIFFE ID"
+        );
+        assert_eq!(headers.get("x-seen-path").and_then(|v| v.to_str().ok()), Some("/walkthrough"));
+        assert_eq!(seen.requests.load(std::sync::atomic::Ordering::SeqCst), 1);
+    })
+    .await
+    .expect("test timed out");
+}
