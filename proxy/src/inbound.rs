@@ -259,12 +259,17 @@ async fn l4_stream(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) {
-    let req = match tokio::time::timeout(PREAMBLE_TIMEOUT, read_request(&mut recv)).await {
+    let req = match tokio::time::timeout(
+        PREAMBLE_TIMEOUT,
+        weft_transport::l4::read_request(&mut recv),
+    )
+    .await
+    {
         Ok(Ok(req)) => req,
-        Ok(Err(msg)) => {
+        Ok(Err(e)) => {
             ctx.metrics.refuse("malformed_preamble");
-            tracing::warn!(%peer, error = %msg, "refusing TCP stream: malformed preamble");
-            refuse(send, recv, Status::Malformed, msg).await;
+            tracing::warn!(%peer, error = %e, "refusing TCP stream: malformed preamble");
+            refuse(send, recv, Status::Malformed, e.to_string()).await;
             return;
         }
         Err(_) => {
@@ -356,25 +361,4 @@ async fn refuse(
         .await;
     let _ = send.finish();
     let _ = recv.stop(0u32.into());
-}
-
-/// Read exactly one request preamble, never past it.
-async fn read_request(recv: &mut quinn::RecvStream) -> Result<preamble::Request, String> {
-    let mut buf = Vec::with_capacity(64);
-    loop {
-        match preamble::Request::decode(&buf) {
-            Ok((req, _)) => return Ok(req),
-            Err(preamble::DecodeError::Incomplete { needed }) => {
-                let start = buf.len();
-                buf.resize(needed.min(preamble::MAX_REQUEST_LEN), 0);
-                let n = recv
-                    .read(&mut buf[start..])
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .ok_or("stream ended inside the preamble (truncated)")?;
-                buf.truncate(start + n);
-            }
-            Err(e) => return Err(e.to_string()),
-        }
-    }
 }

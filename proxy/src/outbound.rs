@@ -291,14 +291,18 @@ async fn tcp_connect(
     };
     let bytes = req.encode().map_err(|e| e.to_string())?;
     send.write_all(&bytes).await.map_err(|e| e.to_string())?;
-    let resp = tokio::time::timeout(PREAMBLE_TIMEOUT, read_response(&mut recv))
-        .await
-        .map_err(|_| {
-            format!(
-                "{} did not answer the stream preamble in {PREAMBLE_TIMEOUT:?}",
-                ep.addr
-            )
-        })??;
+    let resp = tokio::time::timeout(
+        PREAMBLE_TIMEOUT,
+        weft_transport::l4::read_response(&mut recv),
+    )
+    .await
+    .map_err(|_| {
+        format!(
+            "{} did not answer the stream preamble in {PREAMBLE_TIMEOUT:?}",
+            ep.addr
+        )
+    })?
+    .map_err(|e| format!("reading the answer of {}: {e}", ep.addr))?;
     if resp.status != preamble::Status::Ok {
         return Err(format!(
             "{} refused the stream: {:?} {}",
@@ -306,26 +310,4 @@ async fn tcp_connect(
         ));
     }
     Ok((send, recv, peer))
-}
-
-/// Read exactly one response preamble, never past it.
-async fn read_response(recv: &mut quinn::RecvStream) -> Result<preamble::Response, String> {
-    let mut buf = Vec::with_capacity(64);
-    loop {
-        match preamble::Response::decode(&buf) {
-            Ok((resp, _)) => return Ok(resp),
-            Err(preamble::DecodeError::Incomplete { needed }) => {
-                // Read only up to what the decoder needs, so no payload byte is consumed.
-                let start = buf.len();
-                buf.resize(needed.min(preamble::MAX_RESPONSE_LEN), 0);
-                let n = recv
-                    .read(&mut buf[start..])
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .ok_or("peer closed the stream during the preamble")?;
-                buf.truncate(start + n);
-            }
-            Err(e) => return Err(format!("bad preamble response: {e}")),
-        }
-    }
 }

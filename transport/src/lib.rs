@@ -2,6 +2,7 @@
 //! L4 stream protocol. No policy lives here.
 
 pub mod endpoint;
+pub mod l4;
 pub mod pool;
 pub mod preamble;
 pub mod spiffe;
