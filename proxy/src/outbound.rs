@@ -133,7 +133,7 @@ async fn forward(
             String::new(),
         );
     };
-    let (conn, mut sender) = match ctx.h3_pool.get(ep.addr).await {
+    let (_conn, (mut sender, peer)) = match ctx.h3_pool.get(ep.addr).await {
         Ok(x) => x,
         Err(e) => {
             return (
@@ -145,9 +145,7 @@ async fn forward(
             )
         }
     };
-    let peer = weft_transport::tls::peer_id(&conn, ctx.tls.trust_domain())
-        .map(|id| id.to_string())
-        .unwrap_or_default();
+    let peer = peer.to_string();
     let (mut parts, body) = req.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers);
     headers::strip_host(&mut parts.headers);
@@ -273,10 +271,8 @@ async fn tcp_connect(
     service: &str,
 ) -> Result<(quinn::SendStream, quinn::RecvStream, String), String> {
     let ep = pick(ctx, service).ok_or_else(|| format!("service {service} has no endpoints"))?;
-    let (conn, ()) = ctx.l4_pool.get(ep.addr).await.map_err(|e| e.to_string())?;
-    let peer = weft_transport::tls::peer_id(&conn, ctx.tls.trust_domain())
-        .map(|id| id.to_string())
-        .unwrap_or_default();
+    let (conn, peer) = ctx.l4_pool.get(ep.addr).await.map_err(|e| e.to_string())?;
+    let peer = peer.to_string();
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
     let port = ctx
         .mesh

@@ -101,13 +101,22 @@ pub enum SidecarError {
 
 pub(crate) type H3Sender = h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>;
 
+/// The peer's SPIFFE ID, read once per pooled connection (not per request).
+pub(crate) type PeerId = Arc<str>;
+
+fn peer_of(conn: &quinn::Connection, trust_domain: &str) -> PeerId {
+    weft_transport::tls::peer_id(conn, trust_domain)
+        .map(|id| Arc::from(id.as_str()))
+        .unwrap_or_else(|| Arc::from(""))
+}
+
 /// State shared by every task of one sidecar.
 pub(crate) struct Ctx {
     pub mesh: ArcSwap<Mesh>,
     pub tls: Arc<MeshTls>,
     pub metrics: Arc<Metrics>,
-    pub h3_pool: Pool<H3Sender>,
-    pub l4_pool: Pool<()>,
+    pub h3_pool: Pool<(H3Sender, PeerId)>,
+    pub l4_pool: Pool<PeerId>,
     pub app: Option<SocketAddr>,
     pub app_client: hyper_util::client::legacy::Client<HttpConnector, ProxyBody>,
     pub limits: Limits,
@@ -163,11 +172,14 @@ impl Sidecar {
         let metrics = Metrics::new();
         let (drain_tx, drain) = watch::channel(false);
 
+        let trust_domain: Arc<str> = Arc::from(cfg.mesh.trust_domain.as_str());
         let h3_pool = {
             let metrics = metrics.clone();
+            let td = trust_domain.clone();
             let max_header = cfg.limits.max_header_bytes as u64;
             Pool::with_setup(endpoint.clone(), ALPN_H3, move |conn| {
                 let metrics = metrics.clone();
+                let peer = peer_of(&conn, &td);
                 Box::pin(async move {
                     let addr = conn.remote_address();
                     let (mut driver, sender) = h3::client::builder()
@@ -182,15 +194,17 @@ impl Sidecar {
                         let _ = futures::future::poll_fn(|cx| driver.poll_close(cx)).await;
                     });
                     track_outbound(&metrics, &conn, "h3");
-                    Ok(sender)
+                    Ok((sender, peer))
                 })
             })
         };
         let l4_pool = {
             let metrics = metrics.clone();
-            Pool::<()>::with_setup(endpoint.clone(), ALPN_L4, move |conn| {
+            let td = trust_domain.clone();
+            Pool::with_setup(endpoint.clone(), ALPN_L4, move |conn| {
                 track_outbound(&metrics, &conn, "weft-l4");
-                Box::pin(async { Ok(()) })
+                let peer = peer_of(&conn, &td);
+                Box::pin(async move { Ok(peer) })
             })
         };
 
