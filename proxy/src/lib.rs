@@ -13,6 +13,7 @@ pub mod inbound;
 pub mod mesh;
 pub mod metrics;
 pub mod outbound;
+pub mod reload;
 pub mod sidecar;
 
 pub use mesh::Mesh;

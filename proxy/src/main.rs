@@ -64,6 +64,7 @@ async fn run(cmd: Command) -> ExitCode {
             }
         }
         Command::Sidecar(args) => {
+            let mesh_path = args.mesh.clone();
             let cfg = match (*args).into_config() {
                 Ok(c) => c,
                 Err(e) => {
@@ -71,13 +72,14 @@ async fn run(cmd: Command) -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            let sidecar = match Sidecar::start(cfg).await {
+            let mut sidecar = match Sidecar::start(cfg).await {
                 Ok(s) => s,
                 Err(e) => {
                     eprintln!("weft sidecar: {e}");
                     return ExitCode::FAILURE;
                 }
             };
+            sidecar.watch_mesh_file(mesh_path, weft_proxy::reload::RELOAD_INTERVAL);
             let upstreams: Vec<String> = sidecar
                 .upstream_addrs
                 .iter()

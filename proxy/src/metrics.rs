@@ -49,6 +49,11 @@ pub struct ReasonLabels {
     pub reason: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn latency_histogram() -> Histogram {
@@ -69,6 +74,7 @@ pub struct Metrics {
     pub quic_active: Family<QuicLabels, Gauge>,
     pub quic_handshake_failures: Family<QuicLabels, Counter>,
     pub refused: Family<ReasonLabels, Counter>,
+    pub config_reloads: Family<ResultLabels, Counter>,
 }
 
 impl Metrics {
@@ -85,6 +91,7 @@ impl Metrics {
             quic_active: Family::default(),
             quic_handshake_failures: Family::default(),
             refused: Family::default(),
+            config_reloads: Family::default(),
         };
         let r = &mut m.registry;
         r.register(
@@ -136,6 +143,11 @@ impl Metrics {
             "weft_refused",
             "Connections, streams or requests refused, by reason",
             m.refused.clone(),
+        );
+        r.register(
+            "weft_config_reloads",
+            "Mesh file reloads by result (success, failure: rejected, last good config kept)",
+            m.config_reloads.clone(),
         );
         Arc::new(m)
     }

@@ -290,6 +290,14 @@ impl Sidecar {
         })
     }
 
+    /// Re-read `path` every `interval` and apply valid changes (see [`crate::reload`]).
+    pub fn watch_mesh_file(&mut self, path: PathBuf, interval: std::time::Duration) {
+        let task = self
+            .ctx
+            .spawn(crate::reload::watch(self.ctx.clone(), path, interval));
+        self.tasks.push(task);
+    }
+
     /// Replace the mesh configuration; applies to new requests and streams.
     pub fn set_mesh(&self, mesh: Mesh) {
         self.ctx.mesh.store(Arc::new(mesh));
