@@ -5,7 +5,11 @@
 //! interleaved, several rounds, and the report gives medians and ratios to
 //! Weft's settings, because absolute numbers on a shared machine are noise.
 //!
-//! Run: `cargo run --release -p weft-bench --bin quic_tuning [-- MiB rounds]`
+//! Each configuration is measured twice: on plain loopback, and through a
+//! small UDP relay that delays every datagram (one-way `RTT/2`), because
+//! window sizes only matter once bandwidth × RTT exceeds them.
+//!
+//! Run: `cargo run --release -p weft-bench --bin quic_tuning [-- MiB rounds rtt_ms]`
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -48,11 +52,18 @@ fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let mib: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(256);
     let rounds: usize = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(3);
+    let rtt_ms: u64 = args.get(3).and_then(|a| a.parse().ok()).unwrap_or(10);
     let rt = tokio::runtime::Runtime::new()?;
-    rt.block_on(run(mib, rounds))
+    rt.block_on(async {
+        run(mib, rounds, None).await?;
+        if rtt_ms > 0 {
+            run(mib, rounds, Some(Duration::from_millis(rtt_ms))).await?;
+        }
+        Ok(())
+    })
 }
 
-async fn run(mib: usize, rounds: usize) -> anyhow::Result<()> {
+async fn run(mib: usize, rounds: usize, rtt: Option<Duration>) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let ca = weft_ca::Ca::init(dir.path(), "bench.weft.local")?;
     let creds = |name: &str| -> anyhow::Result<Credentials> {
@@ -69,7 +80,13 @@ async fn run(mib: usize, rounds: usize) -> anyhow::Result<()> {
     let server_tls = MeshTls::new("bench.weft.local", &creds("server")?)?;
     let client_tls = MeshTls::new("bench.weft.local", &creds("client")?)?;
     let bytes = mib << 20;
-    println!("single-stream transfer of {mib} MiB over loopback, {rounds} rounds, interleaved");
+    match rtt {
+        None => println!("\nsingle-stream transfer of {mib} MiB over loopback, {rounds} rounds, interleaved"),
+        Some(r) => println!(
+            "\nsingle-stream transfer of {mib} MiB through a UDP relay adding {} ms RTT, {rounds} rounds, interleaved",
+            r.as_millis()
+        ),
+    }
     let mut results: Vec<Vec<f64>> = vec![Vec::new(); CONFIGS.len()];
     for _ in 0..rounds {
         for (i, cfg) in CONFIGS.iter().enumerate() {
@@ -77,10 +94,21 @@ async fn run(mib: usize, rounds: usize) -> anyhow::Result<()> {
             (cfg.apply)(&mut opts);
             let server = MeshEndpoint::bind(server_tls.clone(), &opts)?;
             let client = MeshEndpoint::bind(client_tls.clone(), &opts)?;
-            let addr = server.local_addr()?;
+            let mut addr = server.local_addr()?;
             let sink = tokio::spawn(serve_sink(server.clone()));
+            let relay = match rtt {
+                Some(rtt) => {
+                    let (relay_addr, task) = delay_relay(addr, rtt / 2).await?;
+                    addr = relay_addr;
+                    Some(task)
+                }
+                None => None,
+            };
             let rate = transfer(&client, addr, bytes).await.context(cfg.name)?;
             sink.abort();
+            if let Some(r) = relay {
+                r.abort();
+            }
             results[i].push(rate);
         }
     }
@@ -140,4 +168,52 @@ async fn transfer(client: &MeshEndpoint, addr: SocketAddr, bytes: usize) -> anyh
     );
     conn.close(0u32.into(), b"done");
     Ok(sent as f64 / (1 << 20) as f64 / secs)
+}
+
+/// A UDP relay on loopback that forwards every datagram between one client
+/// and `server` after `delay`, in order (a fixed one-way delay, no loss).
+async fn delay_relay(
+    server: SocketAddr,
+    delay: Duration,
+) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let std_sock = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    let sock2 = socket2::SockRef::from(&std_sock);
+    // Large buffers: the relay holds a full window in flight.
+    let _ = sock2.set_recv_buffer_size(weft_transport::endpoint::UDP_BUFFER_BYTES);
+    let _ = sock2.set_send_buffer_size(weft_transport::endpoint::UDP_BUFFER_BYTES);
+    std_sock.set_nonblocking(true)?;
+    let sock = std::sync::Arc::new(tokio::net::UdpSocket::from_std(std_sock)?);
+    let addr = sock.local_addr()?;
+    let (tx, mut rx) =
+        tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>, SocketAddr)>();
+    let recv_sock = sock.clone();
+    let task = tokio::spawn(async move {
+        let receiver = async move {
+            let mut client: Option<SocketAddr> = None;
+            let mut buf = vec![0u8; 65536];
+            while let Ok((n, from)) = recv_sock.recv_from(&mut buf).await {
+                let dest = if from == server {
+                    match client {
+                        Some(c) => c,
+                        None => continue,
+                    }
+                } else {
+                    client = Some(from);
+                    server
+                };
+                let at = tokio::time::Instant::now() + delay;
+                if tx.send((at, buf[..n].to_vec(), dest)).is_err() {
+                    return;
+                }
+            }
+        };
+        let sender = async move {
+            while let Some((at, data, dest)) = rx.recv().await {
+                tokio::time::sleep_until(at).await;
+                let _ = sock.send_to(&data, dest).await;
+            }
+        };
+        tokio::join!(receiver, sender);
+    });
+    Ok((addr, task))
 }
