@@ -305,6 +305,15 @@ pub async fn admin_get(admin: SocketAddr, path: &str) -> (u16, String) {
 
 pub use weft_proxy::metrics::sum as metric_sum;
 
+/// `weft_quic_connections_total{direction, alpn}` from scraped samples.
+pub fn quic_connections(samples: &[Sample], direction: &str, alpn: &str) -> f64 {
+    metric_sum(
+        samples,
+        "weft_quic_connections_total",
+        &[("direction", direction), ("alpn", alpn)],
+    )
+}
+
 /// Path of a workspace binary (`weft`, `weft-ca`), built by cargo for the
 /// integration tests of its own crate; built on demand if missing.
 pub fn bin(name: &str) -> PathBuf {

@@ -237,22 +237,8 @@ async fn concurrent_requests_share_one_quic_connection() {
 
         let client = scrape(pair.client.admin_addr).await;
         let server = scrape(pair.server.admin_addr).await;
-        assert_eq!(
-            metric_sum(
-                &client,
-                "weft_quic_connections_total",
-                &[("direction", "outbound"), ("alpn", "h3")]
-            ),
-            1.0
-        );
-        assert_eq!(
-            metric_sum(
-                &server,
-                "weft_quic_connections_total",
-                &[("direction", "inbound"), ("alpn", "h3")]
-            ),
-            1.0
-        );
+        assert_eq!(quic_connections(&client, "outbound", "h3"), 1.0);
+        assert_eq!(quic_connections(&server, "inbound", "h3"), 1.0);
         assert_eq!(
             pair.client.pool_handshakes().0,
             1,

@@ -159,22 +159,8 @@ async fn concurrent_connections_share_one_quic_connection() {
 
         let client = scrape(pair.client.admin_addr).await;
         let server = scrape(pair.server.admin_addr).await;
-        assert_eq!(
-            metric_sum(
-                &client,
-                "weft_quic_connections_total",
-                &[("direction", "outbound"), ("alpn", "weft-l4")]
-            ),
-            1.0
-        );
-        assert_eq!(
-            metric_sum(
-                &server,
-                "weft_quic_connections_total",
-                &[("direction", "inbound"), ("alpn", "weft-l4")]
-            ),
-            1.0
-        );
+        assert_eq!(quic_connections(&client, "outbound", "weft-l4"), 1.0);
+        assert_eq!(quic_connections(&server, "inbound", "weft-l4"), 1.0);
         assert_eq!(
             pair.client.pool_handshakes().1,
             1,
