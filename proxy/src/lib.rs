@@ -3,7 +3,9 @@
 
 pub mod admin;
 pub mod argfile;
+pub mod balance;
 pub mod body;
+pub mod breaker;
 pub mod cli;
 pub mod copy;
 pub mod demo;
@@ -14,6 +16,7 @@ pub mod mesh;
 pub mod metrics;
 pub mod outbound;
 pub mod reload;
+pub mod retry;
 pub mod sidecar;
 
 pub use mesh::Mesh;
