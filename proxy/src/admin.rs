@@ -1,6 +1,8 @@
 //! The admin server (default 127.0.0.1:15000): `/ready`, `/live`,
 //! `/metrics` (Prometheus text), `/config` (effective config as JSON) and
-//! `/certs` (our identity and certificate expiry).
+//! `/certs` (our identity and certificate expiry), `/clusters` (every
+//! service's endpoints with health, latency estimate, in-flight requests and
+//! ejection state; circuit breaker and retry budget use).
 
 use std::convert::Infallible;
 use std::sync::atomic::Ordering;
@@ -55,7 +57,7 @@ fn handle(ctx: &Ctx, req: Request<Incoming>) -> Response<ProxyBody> {
         "/config" => {
             let cfg = serde_json::json!({
                 "sidecar": ctx.effective,
-                "mesh": &**ctx.mesh.load(),
+                "mesh": ctx.state.load().mesh(),
             });
             json(&cfg)
         }
@@ -71,9 +73,10 @@ fn handle(ctx: &Ctx, req: Request<Incoming>) -> Response<ProxyBody> {
                 "not_after_unix": not_after,
             }))
         }
+        "/clusters" => json(&ctx.state.load().snapshot()),
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found; try /ready /live /metrics /config /certs\n".into(),
+            "not found; try /ready /live /metrics /config /certs /clusters\n".into(),
         ),
     }
 }

@@ -4,6 +4,7 @@
 //! direction aborts both: the QUIC stream is reset and the TCP connection
 //! gets an RST, so neither side mistakes an abort for a clean end.
 
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -23,14 +24,21 @@ pub struct CopyResult {
     pub error: Option<String>,
 }
 
+/// Copy until both directions end. With `idle`, a stream that moves no byte
+/// either way for that long is aborted like an error (RST and reset).
 pub async fn bidi(
     tcp: TcpStream,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
+    idle: Option<Duration>,
 ) -> CopyResult {
     let (mut tr, mut tw) = tcp.into_split();
     let mut to_peer = 0u64;
     let mut from_peer = 0u64;
+    // Milliseconds from `start` to the last byte either way.
+    let start = tokio::time::Instant::now();
+    let last_activity = std::sync::atomic::AtomicU64::new(0);
+    let touch = || last_activity.store(start.elapsed().as_millis() as u64, Relaxed);
     let up = async {
         let mut buf = vec![0u8; CHUNK];
         loop {
@@ -39,6 +47,7 @@ pub async fn bidi(
                 send.finish().map_err(std::io::Error::other)?;
                 return Ok::<_, std::io::Error>(());
             }
+            touch();
             send.write_all(&buf[..n])
                 .await
                 .map_err(std::io::Error::from)?;
@@ -51,13 +60,32 @@ pub async fn bidi(
             .await
             .map_err(std::io::Error::from)?
         {
+            touch();
             tw.write_all(&chunk.bytes).await?;
             from_peer += chunk.bytes.len() as u64;
         }
         tw.shutdown().await?;
         Ok::<_, std::io::Error>(())
     };
-    let result = tokio::try_join!(up, down);
+    let watchdog = async {
+        let Some(idle) = idle else {
+            return std::future::pending().await;
+        };
+        loop {
+            let due = start + Duration::from_millis(last_activity.load(Relaxed)) + idle;
+            if tokio::time::Instant::now() >= due {
+                return std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("idle for {}", humantime::format_duration(idle)),
+                );
+            }
+            tokio::time::sleep_until(due).await;
+        }
+    };
+    let result = tokio::select! {
+        r = async { tokio::try_join!(up, down) } => r,
+        e = watchdog => Err(e),
+    };
     let error = match result {
         Ok(_) => None,
         Err(e) => {

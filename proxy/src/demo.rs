@@ -80,15 +80,8 @@ async fn run_in(dir: &std::path::Path, duration: Option<Duration>) -> anyhow::Re
         services: BTreeMap::new(),
     };
     for (name, protocol) in [("payment", Protocol::Http), ("echo", Protocol::Tcp)] {
-        mesh.services.insert(
-            name.into(),
-            Service {
-                name: name.into(),
-                protocol,
-                port: 0,
-                endpoints: vec![],
-            },
-        );
+        mesh.services
+            .insert(name.into(), Service::new(name, protocol));
     }
     let sidecar = |name: &str, app: Option<SocketAddr>, upstreams: Vec<(String, SocketAddr)>| {
         let id = format!("spiffe://{TRUST_DOMAIN}/ns/demo/sa/{name}");

@@ -5,6 +5,17 @@ use http::header::{HeaderMap, HeaderName, CONNECTION, HOST};
 
 /// The caller's SPIFFE ID, as the inbound sidecar tells its app.
 pub const PEER_ID: &str = "x-weft-peer-id";
+/// Milliseconds the caller will still wait, from the client sidecar to the
+/// server sidecar, which stops work nobody waits for. Never reaches an app.
+pub const DEADLINE_MS: &str = "x-weft-deadline-ms";
+/// Marks a mirrored copy of a request (its response is discarded).
+pub const MIRROR: &str = "x-weft-mirror";
+/// Marks a response the sidecar generated itself (not the app's).
+pub const ERROR: &str = "x-weft-error";
+/// Marks a 503 from the circuit breaker (the service's limits were full).
+pub const OVERFLOW: &str = "x-weft-overflow";
+/// Marks a response produced by fault injection.
+pub const FAULT: &str = "x-weft-fault";
 
 /// Fields that only ever describe one hop (RFC 9110 §7.6.1, plus the
 /// de-facto `keep-alive` and `proxy-connection`).
@@ -39,6 +50,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         headers.remove(*name);
     }
     headers.remove(PEER_ID);
+    headers.remove(DEADLINE_MS);
 }
 
 /// Remove `Host`: on HTTP/3 the target is `:authority`.

@@ -138,7 +138,7 @@ async fn h3_request(ctx: Arc<Ctx>, peer: &SpiffeId, req: Request<()>, stream: Se
     let resp = forward_to_app(&ctx, peer, &service, req, recv).await;
     let status = resp.status();
     let m = &ctx.metrics;
-    let svc_label = if ctx.mesh.load().service(&service).is_some() {
+    let svc_label = if ctx.state.load().service(&service).is_some() {
         service.clone()
     } else {
         // Do not let callers mint label values.
@@ -148,6 +148,7 @@ async fn h3_request(ctx: Arc<Ctx>, peer: &SpiffeId, req: Request<()>, stream: Se
         .get_or_create(&RequestLabels {
             direction: INBOUND,
             service: svc_label.clone(),
+            route: String::new(),
             peer: peer.to_string(),
             status: status.as_u16(),
         })
@@ -179,7 +180,7 @@ async fn forward_to_app(
     use crate::outbound::error_response;
     // An answer that does not need the request body stops the peer sending
     // it with H3_NO_ERROR (RFC 9114 §4.1), not quinn's drop-time code 0.
-    if ctx.mesh.load().service(service).is_none() {
+    if ctx.state.load().service(service).is_none() {
         recv.stop_sending(h3::error::Code::H3_NO_ERROR);
         ctx.metrics.refuse("unknown_service");
         return error_response(
@@ -195,6 +196,13 @@ async fn forward_to_app(
         );
     };
     let (mut parts, ()) = req.into_parts();
+    // The caller's remaining time (read before the header is stripped).
+    let deadline = parts
+        .headers
+        .get(headers::DEADLINE_MS)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .map(Duration::from_millis);
     headers::strip_hop_by_hop(&mut parts.headers);
     let path = parts
         .uri
@@ -215,7 +223,34 @@ async fn forward_to_app(
     let (tx, chan) = ChannelBody::new();
     let pump = tokio::spawn(body::h3_to_channel(recv, tx));
     let req = Request::from_parts(parts, body::boxed(chan));
-    match ctx.app_client.request(req).await {
+    let call = ctx.app_client.request(req);
+    let result = match deadline {
+        Some(d) => match tokio::time::timeout(d, call).await {
+            Ok(r) => r,
+            Err(_) => {
+                // Nobody waits for the answer any more: dropping the call
+                // closes the app connection, so the app can stop too.
+                pump.abort();
+                ctx.metrics
+                    .timeouts
+                    .get_or_create(&crate::metrics::RouteReasonLabels {
+                        service: service.to_string(),
+                        route: String::new(),
+                        reason: "deadline",
+                    })
+                    .inc();
+                return error_response(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    format!(
+                        "weft: the caller's deadline ({} ms) passed before {app} answered",
+                        d.as_millis()
+                    ),
+                );
+            }
+        },
+        None => call.await,
+    };
+    match result {
         Ok(resp) => {
             let (parts, body) = resp.into_parts();
             Response::from_parts(
@@ -278,18 +313,16 @@ async fn l4_stream(
             return;
         }
     };
-    let known = ctx
-        .mesh
-        .load()
-        .service(&req.target)
-        .map(|s| s.protocol == crate::mesh::Protocol::Tcp)
-        .unwrap_or(false);
-    if !known {
+    let idle = match ctx.state.load().service(&req.target) {
+        Some(s) if s.protocol == crate::mesh::Protocol::Tcp => Some(s.policy.idle_timeout),
+        _ => None,
+    };
+    let Some(idle) = idle else {
         ctx.metrics.refuse("unknown_service");
         let msg = format!("{} is not a TCP service of this mesh", req.target);
         refuse(send, recv, Status::UnknownTarget, msg).await;
         return;
-    }
+    };
     let Some(app) = ctx.app else {
         refuse(
             send,
@@ -300,8 +333,12 @@ async fn l4_stream(
         .await;
         return;
     };
-    let tcp = match tokio::time::timeout(APP_CONNECT_TIMEOUT, tokio::net::TcpStream::connect(app))
-        .await
+    // The caller waits no longer than its deadline; neither do we.
+    let connect_timeout = match req.deadline_ms {
+        0 => APP_CONNECT_TIMEOUT,
+        ms => APP_CONNECT_TIMEOUT.min(Duration::from_millis(u64::from(ms))),
+    };
+    let tcp = match tokio::time::timeout(connect_timeout, tokio::net::TcpStream::connect(app)).await
     {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
@@ -335,7 +372,7 @@ async fn l4_stream(
     ctx.metrics.tcp_connections.get_or_create(&labels).inc();
     let active = ctx.metrics.tcp_active.get_or_create(&labels).clone();
     active.inc();
-    let result = crate::copy::bidi(tcp, send, recv).await;
+    let result = crate::copy::bidi(tcp, send, recv, idle).await;
     active.dec();
     ctx.metrics
         .tcp_sent_bytes

@@ -7,6 +7,7 @@ pub mod balance;
 pub mod body;
 pub mod breaker;
 pub mod cli;
+pub mod cluster;
 pub mod copy;
 pub mod demo;
 pub mod headers;
@@ -16,7 +17,9 @@ pub mod mesh;
 pub mod metrics;
 pub mod outbound;
 pub mod reload;
+pub mod replay;
 pub mod retry;
+pub mod route;
 pub mod sidecar;
 
 pub use mesh::Mesh;

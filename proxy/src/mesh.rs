@@ -28,6 +28,12 @@ use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
+mod policy;
+pub use policy::{
+    Backend, Fault, FaultAbort, FaultDelay, HeaderMatch, Mirror, PathMatch, Pattern, RetryPolicy,
+    Route, RouteMatch, ServicePolicy,
+};
+
 /// The longest service name we accept (the longest DNS name).
 const MAX_SERVICE_NAME_LEN: usize = 253;
 /// The longest label key or value we accept (as Kubernetes labels).
@@ -51,6 +57,30 @@ pub struct Service {
     pub port: u16,
     /// Never empty, no duplicate addresses.
     pub endpoints: Vec<Endpoint>,
+    /// Never empty: tried in order, first match wins; a request no route
+    /// matches uses [`Route::default_for`] (all endpoints, default policies).
+    pub routes: Vec<Route>,
+    #[serde(flatten)]
+    pub policy: ServicePolicy,
+}
+
+impl Service {
+    /// A service with default routes and policies and no endpoints yet.
+    pub fn new(name: &str, protocol: Protocol) -> Service {
+        Service {
+            name: name.to_string(),
+            protocol,
+            port: 0,
+            endpoints: Vec::new(),
+            routes: vec![Route::default_for(name)],
+            policy: ServicePolicy::default(),
+        }
+    }
+}
+
+/// Whether `ep` carries every label of `subset` (an empty subset selects all).
+pub fn in_subset(ep: &Endpoint, subset: &BTreeMap<String, String>) -> bool {
+    subset.iter().all(|(k, v)| ep.labels.get(k) == Some(v))
 }
 
 /// How a service's traffic is carried between sidecars.
@@ -191,6 +221,21 @@ struct RawService {
     // `Checker` requires at least one endpoint.
     #[serde(default)]
     endpoints: Option<Spanned<Vec<Spanned<RawEndpoint>>>>,
+    // Policies; each has a documented default in `policy.rs`.
+    #[serde(default)]
+    routes: Option<Vec<Spanned<policy::RawRoute>>>,
+    #[serde(default)]
+    circuit_breaker: Option<Spanned<policy::RawCircuitBreaker>>,
+    #[serde(default)]
+    outlier_detection: Option<Spanned<policy::RawOutlier>>,
+    #[serde(default)]
+    load_balancer: Option<Spanned<String>>,
+    #[serde(default)]
+    retry_budget: Option<Spanned<policy::RawBudget>>,
+    #[serde(default)]
+    connect_timeout: Option<Spanned<String>>,
+    #[serde(default)]
+    idle_timeout: Option<Spanned<String>>,
 }
 
 /// An endpoint entry: `"ip:port"` or `{ addr = "ip:port", labels = { … } }`.
@@ -300,17 +345,25 @@ impl Checker<'_> {
             }
         };
         let mut services = BTreeMap::new();
+        let mut refs = Vec::new();
         for (name, raw) in raw.services {
-            let service = self.service(name.get_ref(), name.span(), raw);
+            let service = self.service(name.get_ref(), name.span(), raw, &mut refs);
             services.insert(name.into_inner(), service);
         }
+        self.references(&services, refs);
         Mesh {
             trust_domain,
             services,
         }
     }
 
-    fn service(&mut self, name: &str, name_span: Range<usize>, raw: RawService) -> Service {
+    fn service(
+        &mut self,
+        name: &str,
+        name_span: Range<usize>,
+        raw: RawService,
+        refs: &mut Vec<policy::Reference>,
+    ) -> Service {
         if let Err(why) = check_service_name(name) {
             self.error(
                 Some(name_span.clone()),
@@ -339,7 +392,7 @@ impl Checker<'_> {
         };
         let (list_span, entries) = match raw.endpoints {
             Some(list) => (list.span(), list.into_inner()),
-            None => (name_span, Vec::new()),
+            None => (name_span.clone(), Vec::new()),
         };
         if entries.is_empty() {
             self.error(
@@ -376,11 +429,23 @@ impl Checker<'_> {
             first_seen.insert(addr, line_col(self.text, addr_span.start).0);
             endpoints.push(Endpoint { addr, labels });
         }
+        let raw_policy = policy::RawServicePolicy {
+            routes: raw.routes,
+            circuit_breaker: raw.circuit_breaker,
+            outlier_detection: raw.outlier_detection,
+            load_balancer: raw.load_balancer,
+            retry_budget: raw.retry_budget,
+            connect_timeout: raw.connect_timeout,
+            idle_timeout: raw.idle_timeout,
+        };
+        let (routes, policy) = self.policy(name, name_span, protocol, raw_policy, refs);
         Service {
             name: name.to_string(),
             protocol,
             port: raw.port,
             endpoints,
+            routes,
+            policy,
         }
     }
 
@@ -536,9 +601,6 @@ endpoints = ["[::1]:15308"]
     fn parses_the_example() {
         let mesh = Mesh::parse(EXAMPLE, "mesh.toml").unwrap();
         let payment = Service {
-            name: "payment".into(),
-            protocol: Protocol::Http,
-            port: 0,
             endpoints: vec![
                 Endpoint {
                     addr: "127.0.0.1:15108".parse().unwrap(),
@@ -549,15 +611,15 @@ endpoints = ["[::1]:15308"]
                     labels: BTreeMap::from([("version".into(), "v2".into())]),
                 },
             ],
+            ..Service::new("payment", Protocol::Http)
         };
         let echo = Service {
-            name: "echo".into(),
-            protocol: Protocol::Tcp,
             port: 7000,
             endpoints: vec![Endpoint {
                 addr: "[::1]:15308".parse().unwrap(),
                 labels: BTreeMap::new(),
             }],
+            ..Service::new("echo", Protocol::Tcp)
         };
         let want = Mesh {
             trust_domain: "example.org".into(),

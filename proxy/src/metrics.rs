@@ -20,6 +20,8 @@ pub const INBOUND: &str = "inbound";
 pub struct RequestLabels {
     pub direction: &'static str,
     pub service: String,
+    /// The route's name outbound; empty inbound (routes are a client-side choice).
+    pub route: String,
     /// The other side's SPIFFE ID: the caller inbound, the server outbound.
     pub peer: String,
     pub status: u16,
@@ -54,6 +56,36 @@ pub struct ResultLabels {
     pub result: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub service: String,
+    pub route: String,
+}
+
+/// A policy decision on a route: retry reason, fault kind, timeout kind.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteReasonLabels {
+    pub service: String,
+    pub route: String,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceReasonLabels {
+    pub service: String,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MirrorLabels {
+    pub service: String,
+    pub route: String,
+    /// The mirror's service.
+    pub target: String,
+    /// sent, dropped (in-flight limit), skipped (body too big to copy), failed.
+    pub result: &'static str,
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn latency_histogram() -> Histogram {
@@ -75,6 +107,13 @@ pub struct Metrics {
     pub quic_handshake_failures: Family<QuicLabels, Counter>,
     pub refused: Family<ReasonLabels, Counter>,
     pub config_reloads: Family<ResultLabels, Counter>,
+    pub retries: Family<RouteReasonLabels, Counter>,
+    pub retry_budget_exhausted: Family<RouteLabels, Counter>,
+    pub timeouts: Family<RouteReasonLabels, Counter>,
+    pub faults: Family<RouteReasonLabels, Counter>,
+    pub mirrored: Family<MirrorLabels, Counter>,
+    pub overflows: Family<ServiceReasonLabels, Counter>,
+    pub ejections: Family<ServiceReasonLabels, Counter>,
 }
 
 impl Metrics {
@@ -92,6 +131,13 @@ impl Metrics {
             quic_handshake_failures: Family::default(),
             refused: Family::default(),
             config_reloads: Family::default(),
+            retries: Family::default(),
+            retry_budget_exhausted: Family::default(),
+            timeouts: Family::default(),
+            faults: Family::default(),
+            mirrored: Family::default(),
+            overflows: Family::default(),
+            ejections: Family::default(),
         };
         let r = &mut m.registry;
         r.register(
@@ -148,6 +194,41 @@ impl Metrics {
             "weft_config_reloads",
             "Mesh file reloads by result (success, failure: rejected, last good config kept)",
             m.config_reloads.clone(),
+        );
+        r.register(
+            "weft_retries",
+            "Outbound retries by service, route and the failure that caused them",
+            m.retries.clone(),
+        );
+        r.register(
+            "weft_retry_budget_exhausted",
+            "Retries not made because the service's retry budget was spent",
+            m.retry_budget_exhausted.clone(),
+        );
+        r.register(
+            "weft_request_timeouts",
+            "Requests or tries that hit a timeout, by kind (request, per_try, deadline: the caller's deadline passed on the server side)",
+            m.timeouts.clone(),
+        );
+        r.register(
+            "weft_faults_injected",
+            "Faults injected by route and kind (delay, abort, reset)",
+            m.faults.clone(),
+        );
+        r.register(
+            "weft_mirrored_requests",
+            "Requests copied to a mirror, by result (sent, dropped, skipped, failed)",
+            m.mirrored.clone(),
+        );
+        r.register(
+            "weft_circuit_breaker_overflows",
+            "Requests or streams refused at once because a service's concurrency limit and queue were full",
+            m.overflows.clone(),
+        );
+        r.register(
+            "weft_outlier_ejections",
+            "Endpoints ejected by outlier detection, by service and reason",
+            m.ejections.clone(),
         );
         Arc::new(m)
     }
@@ -236,6 +317,7 @@ mod tests {
         let l = RequestLabels {
             direction: OUTBOUND,
             service: "payment".into(),
+            route: "default".into(),
             peer: "spiffe://td/p".into(),
             status: 200,
         };

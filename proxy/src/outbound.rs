@@ -1,28 +1,25 @@
 //! Outbound: the app connects to a local listener bound to one service; the
-//! sidecar carries each HTTP request as an HTTP/3 request, and each TCP
-//! connection as a raw QUIC stream, over the pooled connection to a peer
-//! sidecar chosen from the service's endpoints.
+//! sidecar carries each HTTP request as an HTTP/3 request ([`request`]), and
+//! each TCP connection as a raw QUIC stream ([`stream`]), over the pooled
+//! connection to a peer sidecar. The service's route picks the backend and
+//! the policies; the load balancer picks the endpoint.
+
+mod mirror;
+mod request;
+mod stream;
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use http::{Request, Response, StatusCode};
-use hyper::body::Incoming;
+use http::{Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::{TcpListener, TcpStream};
-use weft_transport::preamble;
 
-use crate::body::{self, ChannelBody, ProxyBody};
+use crate::body::{self, ProxyBody};
 use crate::headers;
-use crate::mesh::{Endpoint, Protocol};
-use crate::metrics::{DurationLabels, RequestLabels, TcpLabels, OUTBOUND};
+use crate::mesh::Protocol;
 use crate::sidecar::{protocol_of, Ctx};
-
-/// How long the peer sidecar may take to answer a TCP stream preamble.
-const PREAMBLE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Accept the app's connections for `service` until drained.
 pub(crate) async fn listen(ctx: Arc<Ctx>, service: String, listener: TcpListener) {
@@ -40,9 +37,9 @@ pub(crate) async fn listen(ctx: Arc<Ctx>, service: String, listener: TcpListener
         let ctx2 = ctx.clone();
         let service = service.clone();
         ctx.spawn(async move {
-            let proto = protocol_of(&ctx2.mesh.load(), &service);
+            let proto = protocol_of(&ctx2.state.load(), &service);
             match proto {
-                Some(Protocol::Tcp) => tcp(ctx2, service, stream, from).await,
+                Some(Protocol::Tcp) => stream::proxy(ctx2, service, stream, from).await,
                 Some(Protocol::Http) => http(ctx2, service, stream).await,
                 None => {
                     tracing::warn!(%service, "service no longer in the mesh; closing connection")
@@ -50,17 +47,6 @@ pub(crate) async fn listen(ctx: Arc<Ctx>, service: String, listener: TcpListener
             }
         });
     }
-}
-
-/// Choose an endpoint for a new request or stream. Round robin for now.
-fn pick(ctx: &Ctx, service: &str) -> Option<Endpoint> {
-    let mesh = ctx.mesh.load();
-    let svc = mesh.service(service)?;
-    if svc.endpoints.is_empty() {
-        return None;
-    }
-    let n = ctx.round_robin.fetch_add(1, Ordering::Relaxed);
-    svc.endpoints.get(n % svc.endpoints.len()).cloned()
 }
 
 async fn http(ctx: Arc<Ctx>, service: String, stream: TcpStream) {
@@ -76,7 +62,7 @@ async fn http(ctx: Arc<Ctx>, service: String, stream: TcpStream) {
     let svc = hyper::service::service_fn(move |req| {
         let ctx = ctx.clone();
         let service = service.clone();
-        async move { Ok::<_, Infallible>(request(ctx, service, req).await) }
+        async move { Ok::<_, Infallible>(request::request(ctx, service, req).await) }
     });
     if let Err(e) = builder.serve_connection(TokioIo::new(stream), svc).await {
         tracing::debug!(error = %e, "app connection ended with error");
@@ -90,220 +76,28 @@ pub(crate) fn error_response(status: StatusCode, msg: String) -> Response<ProxyB
     resp.headers_mut()
         .insert("content-type", http::HeaderValue::from_static("text/plain"));
     resp.headers_mut()
-        .insert("x-weft-error", http::HeaderValue::from_static("1"));
+        .insert(headers::ERROR, http::HeaderValue::from_static("1"));
     resp
 }
 
-async fn request(ctx: Arc<Ctx>, service: String, req: Request<Incoming>) -> Response<ProxyBody> {
-    let start = Instant::now();
-    let version = req.version();
-    let (mut resp, peer) = forward(&ctx, &service, req).await;
-    // The response goes back on the app's connection, in the app's HTTP version.
-    *resp.version_mut() = version;
-    let m = &ctx.metrics;
-    m.requests
-        .get_or_create(&RequestLabels {
-            direction: OUTBOUND,
-            service: service.clone(),
-            peer,
-            status: resp.status().as_u16(),
-        })
-        .inc();
-    m.request_duration
-        .get_or_create(&DurationLabels {
-            direction: OUTBOUND,
-            service,
-        })
-        .observe(start.elapsed().as_secs_f64());
-    resp
-}
-
-/// Send one request to a peer sidecar; returns the response and the peer's identity.
-async fn forward(
-    ctx: &Arc<Ctx>,
-    service: &str,
-    req: Request<Incoming>,
-) -> (Response<ProxyBody>, String) {
-    let Some(ep) = pick(ctx, service) else {
-        return (
-            error_response(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("weft: service {service} has no endpoints"),
-            ),
-            String::new(),
-        );
-    };
-    let (_conn, (mut sender, peer)) = match ctx.h3_pool.get(ep.addr).await {
-        Ok(x) => x,
-        Err(e) => {
-            return (
-                error_response(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    format!("weft: upstream connect error: {e}"),
-                ),
-                String::new(),
-            )
-        }
-    };
-    let peer = peer.to_string();
-    let (mut parts, body) = req.into_parts();
-    headers::strip_hop_by_hop(&mut parts.headers);
-    headers::strip_host(&mut parts.headers);
-    let path = parts
-        .uri
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/");
-    let uri = match http::Uri::builder()
-        .scheme("https")
-        .authority(service)
-        .path_and_query(path)
-        .build()
-    {
-        Ok(u) => u,
-        Err(e) => {
-            return (
-                error_response(
-                    StatusCode::BAD_REQUEST,
-                    format!("weft: bad request target: {e}"),
-                ),
-                peer,
-            )
-        }
-    };
-    let mut h3req = Request::new(());
-    *h3req.method_mut() = parts.method;
-    *h3req.uri_mut() = uri;
-    *h3req.headers_mut() = parts.headers;
-    let stream = match sender.send_request(h3req).await {
-        Ok(s) => s,
-        Err(e) => {
-            let status = if e.is_header_too_big() {
-                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
-            } else {
-                StatusCode::BAD_GATEWAY
-            };
-            return (
-                error_response(status, format!("weft: sending request to {}: {e}", ep.addr)),
-                peer,
-            );
-        }
-    };
-    let (mut send, mut recv) = stream.split();
-    // Upload the request body while we wait for the response: the peer may
-    // answer before the body ends (e.g. 413), and big bodies must stream.
-    let upload = tokio::spawn(async move {
-        if let Err(e) = body::body_to_h3(body, &mut send).await {
-            tracing::debug!(error = %e, "request body upload ended early");
-        }
-    });
-    let head = match recv.recv_response().await {
-        Ok(h) => h,
-        Err(e) => {
-            upload.abort();
-            return (
-                error_response(
-                    StatusCode::BAD_GATEWAY,
-                    format!("weft: no response from {}: {e}", ep.addr),
-                ),
-                peer,
-            );
-        }
-    };
-    let (tx, chan) = ChannelBody::new();
-    tokio::spawn(async move {
-        if let Err(e) = body::h3_to_channel(recv, tx).await {
-            tracing::debug!(error = %e, "response body ended early");
-        }
-    });
-    let (mut rparts, ()) = head.into_parts();
-    headers::strip_hop_by_hop(&mut rparts.headers);
-    (Response::from_parts(rparts, body::boxed(chan)), peer)
-}
-
-trait HeaderTooBig {
-    fn is_header_too_big(&self) -> bool;
-}
-
-impl HeaderTooBig for h3::error::StreamError {
-    fn is_header_too_big(&self) -> bool {
-        matches!(self, h3::error::StreamError::HeaderTooBig { .. })
+/// `deadline`, if any, or never.
+pub(crate) async fn within<F: std::future::Future>(
+    deadline: Option<tokio::time::Instant>,
+    fut: F,
+) -> Option<F::Output> {
+    match deadline {
+        Some(d) => tokio::time::timeout_at(d, fut).await.ok(),
+        None => Some(fut.await),
     }
 }
 
-async fn tcp(ctx: Arc<Ctx>, service: String, stream: TcpStream, from: SocketAddr) {
-    let labels = TcpLabels {
-        direction: OUTBOUND,
-        service: service.clone(),
-        peer: String::new(),
-    };
-    match tcp_connect(&ctx, &service).await {
-        Ok((send, recv, peer)) => {
-            let labels = TcpLabels { peer, ..labels };
-            ctx.metrics.tcp_connections.get_or_create(&labels).inc();
-            let active = ctx.metrics.tcp_active.get_or_create(&labels).clone();
-            active.inc();
-            let result = crate::copy::bidi(stream, send, recv).await;
-            active.dec();
-            ctx.metrics
-                .tcp_sent_bytes
-                .get_or_create(&labels)
-                .inc_by(result.to_peer);
-            ctx.metrics
-                .tcp_received_bytes
-                .get_or_create(&labels)
-                .inc_by(result.from_peer);
-            if let Some(e) = result.error {
-                tracing::debug!(%service, %from, error = %e, "TCP stream ended with error");
-            }
-        }
-        Err(e) => {
-            tracing::warn!(%service, %from, error = %e, "TCP stream refused");
-            ctx.metrics.tcp_connections.get_or_create(&labels).inc();
-            crate::copy::reset(stream);
-        }
+/// The earlier of two optional deadlines.
+pub(crate) fn earliest(
+    a: Option<tokio::time::Instant>,
+    b: Option<tokio::time::Instant>,
+) -> Option<tokio::time::Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
     }
-}
-
-/// Open a stream to an endpoint of `service` and complete the preamble exchange.
-async fn tcp_connect(
-    ctx: &Arc<Ctx>,
-    service: &str,
-) -> Result<(quinn::SendStream, quinn::RecvStream, String), String> {
-    let ep = pick(ctx, service).ok_or_else(|| format!("service {service} has no endpoints"))?;
-    let (conn, peer) = ctx.l4_pool.get(ep.addr).await.map_err(|e| e.to_string())?;
-    let peer = peer.to_string();
-    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-    let port = ctx
-        .mesh
-        .load()
-        .service(service)
-        .map(|s| s.port)
-        .unwrap_or(0);
-    let req = preamble::Request {
-        target: service.to_string(),
-        port,
-        deadline_ms: 0,
-    };
-    let bytes = req.encode().map_err(|e| e.to_string())?;
-    send.write_all(&bytes).await.map_err(|e| e.to_string())?;
-    let resp = tokio::time::timeout(
-        PREAMBLE_TIMEOUT,
-        weft_transport::l4::read_response(&mut recv),
-    )
-    .await
-    .map_err(|_| {
-        format!(
-            "{} did not answer the stream preamble in {PREAMBLE_TIMEOUT:?}",
-            ep.addr
-        )
-    })?
-    .map_err(|e| format!("reading the answer of {}: {e}", ep.addr))?;
-    if resp.status != preamble::Status::Ok {
-        return Err(format!(
-            "{} refused the stream: {:?} {}",
-            ep.addr, resp.status, resp.message
-        ));
-    }
-    Ok((send, recv, peer))
 }

@@ -71,7 +71,7 @@ fn check(ctx: &Ctx, path: &std::path::Path, last: &mut Option<Vec<u8>>) -> Outco
         Ok(m) => m,
         Err(errors) => return reject(ctx, errors.to_string()),
     };
-    let current = ctx.mesh.load();
+    let current = ctx.state.load();
     if mesh.trust_domain != current.trust_domain {
         return reject(
             ctx,
@@ -83,7 +83,7 @@ fn check(ctx: &Ctx, path: &std::path::Path, last: &mut Option<Vec<u8>>) -> Outco
             ),
         );
     }
-    ctx.mesh.store(Arc::new(mesh));
+    ctx.apply_mesh(mesh);
     count(ctx, "success");
     Outcome::Applied
 }

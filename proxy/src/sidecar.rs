@@ -21,6 +21,7 @@ use weft_transport::endpoint::{ConnectError, EndpointOptions};
 use weft_transport::{Credentials, MeshEndpoint, MeshTls, Pool, SpiffeId, ALPN_H3, ALPN_L4};
 
 use crate::body::ProxyBody;
+use crate::cluster::State;
 use crate::mesh::{Mesh, Protocol};
 use crate::metrics::{Metrics, QuicLabels, OUTBOUND};
 
@@ -112,7 +113,8 @@ fn peer_of(conn: &quinn::Connection, trust_domain: &str) -> PeerId {
 
 /// State shared by every task of one sidecar.
 pub(crate) struct Ctx {
-    pub mesh: ArcSwap<Mesh>,
+    /// The mesh file in force and the policy state of its services.
+    pub state: ArcSwap<State>,
     pub tls: Arc<MeshTls>,
     pub metrics: Arc<Metrics>,
     pub h3_pool: Pool<(H3Sender, PeerId)>,
@@ -120,7 +122,6 @@ pub(crate) struct Ctx {
     pub app: Option<SocketAddr>,
     pub app_client: hyper_util::client::legacy::Client<HttpConnector, ProxyBody>,
     pub limits: Limits,
-    pub round_robin: AtomicUsize,
     pub inbound_connections: AtomicUsize,
     pub ready: AtomicBool,
     pub drain: watch::Receiver<bool>,
@@ -128,6 +129,13 @@ pub(crate) struct Ctx {
 }
 
 impl Ctx {
+    /// Put `mesh` in force for new requests and streams; the policy state of
+    /// services and endpoints that stay is carried over.
+    pub fn apply_mesh(&self, mesh: Mesh) {
+        let next = State::new(mesh, Some(&self.state.load()));
+        self.state.store(Arc::new(next));
+    }
+
     /// Spawn a task that ends when the sidecar drains.
     pub fn spawn<F>(&self, fut: F) -> JoinHandle<()>
     where
@@ -229,7 +237,7 @@ impl Sidecar {
             "limits": cfg.limits,
         });
         let ctx = Arc::new(Ctx {
-            mesh: ArcSwap::from_pointee(cfg.mesh.clone()),
+            state: ArcSwap::from_pointee(State::new(cfg.mesh.clone(), None)),
             tls,
             metrics,
             h3_pool,
@@ -237,7 +245,6 @@ impl Sidecar {
             app: cfg.app,
             app_client,
             limits: cfg.limits.clone(),
-            round_robin: AtomicUsize::new(0),
             inbound_connections: AtomicUsize::new(0),
             ready: AtomicBool::new(false),
             drain,
@@ -300,11 +307,11 @@ impl Sidecar {
 
     /// Replace the mesh configuration; applies to new requests and streams.
     pub fn set_mesh(&self, mesh: Mesh) {
-        self.ctx.mesh.store(Arc::new(mesh));
+        self.ctx.apply_mesh(mesh);
     }
 
     pub fn mesh(&self) -> Arc<Mesh> {
-        self.ctx.mesh.load_full()
+        Arc::new(self.ctx.state.load().mesh().clone())
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {

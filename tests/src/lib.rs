@@ -3,6 +3,8 @@
 //! helpers to read what the sidecars export. No mocks: every byte crosses
 //! real QUIC with real mTLS.
 
+pub mod fleet;
+
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -65,17 +67,7 @@ pub fn mesh(trust_domain: &str, services: &[(&str, Protocol)]) -> Mesh {
         trust_domain: trust_domain.into(),
         services: services
             .iter()
-            .map(|(name, protocol)| {
-                (
-                    name.to_string(),
-                    Service {
-                        name: name.to_string(),
-                        protocol: *protocol,
-                        port: 0,
-                        endpoints: vec![],
-                    },
-                )
-            })
+            .map(|(name, protocol)| (name.to_string(), Service::new(name, *protocol)))
             .collect(),
     }
 }

@@ -1,0 +1,599 @@
+//! One outbound HTTP request, in the order the policies apply: route match →
+//! fault injection → backend by weight → circuit breaker → mirror → tries
+//! (load balancer, per-try timeout, outlier detection) with retries under
+//! the service's budget, all inside the route's request timeout. The
+//! remaining time travels to the peer in `x-weft-deadline-ms`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant as StdInstant;
+
+use bytes::Bytes;
+use http::request::Parts;
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use super::{earliest, error_response, within};
+use crate::balance::{self, AttemptResult, EndpointState};
+use crate::body::{self, ChannelBody, ProxyBody};
+use crate::breaker::BreakerPermit;
+use crate::cluster::Cluster;
+use crate::headers;
+use crate::mesh::Route;
+use crate::metrics::{
+    DurationLabels, RequestLabels, RouteLabels, RouteReasonLabels, ServiceReasonLabels, OUTBOUND,
+};
+use crate::replay::ReplayBody;
+use crate::retry::{self, Failure};
+use crate::route;
+use crate::sidecar::Ctx;
+
+type ClientRecv = h3::client::RequestStream<h3_quinn::RecvStream, Bytes>;
+
+/// What the app gets back, and what the metrics say about it.
+struct Handled {
+    resp: Response<ProxyBody>,
+    peer: String,
+    route: String,
+}
+
+pub(super) async fn request(
+    ctx: Arc<Ctx>,
+    service: String,
+    req: Request<Incoming>,
+) -> Response<ProxyBody> {
+    let start = StdInstant::now();
+    let version = req.version();
+    let Handled {
+        mut resp,
+        peer,
+        route,
+    } = handle(&ctx, &service, req).await;
+    // The response goes back on the app's connection, in the app's HTTP version.
+    *resp.version_mut() = version;
+    let m = &ctx.metrics;
+    m.requests
+        .get_or_create(&RequestLabels {
+            direction: OUTBOUND,
+            service: service.clone(),
+            route,
+            peer,
+            status: resp.status().as_u16(),
+        })
+        .inc();
+    m.request_duration
+        .get_or_create(&DurationLabels {
+            direction: OUTBOUND,
+            service,
+        })
+        .observe(start.elapsed().as_secs_f64());
+    resp
+}
+
+async fn handle(ctx: &Arc<Ctx>, service: &str, req: Request<Incoming>) -> Handled {
+    let state = ctx.state.load_full();
+    let answer = |resp, route: &str| Handled {
+        resp,
+        peer: String::new(),
+        route: route.to_string(),
+    };
+    let Some(svc) = state.service(service) else {
+        let msg = format!("weft: service {service} is no longer in the mesh");
+        return answer(error_response(StatusCode::SERVICE_UNAVAILABLE, msg), "");
+    };
+    let (mut parts, body) = req.into_parts();
+    headers::strip_hop_by_hop(&mut parts.headers);
+    headers::strip_host(&mut parts.headers);
+    let fallback;
+    let route = match route::select(&svc.routes, &parts.method, parts.uri.path(), &parts.headers) {
+        Some(r) => r,
+        None => {
+            fallback = Route::default_for(service);
+            &fallback
+        }
+    };
+    let labels = RouteLabels {
+        service: service.to_string(),
+        route: route.name.clone(),
+    };
+
+    // Fault injection, before anything else: an injected failure must look
+    // like the service failing, not cost it any work.
+    if let Some(fault) = &route.fault {
+        let action = route::fault_action(fault, Some(&parts.headers), &mut rand::rng());
+        if let Some(delay) = action.delay {
+            count(&ctx.metrics.faults, &labels, "delay");
+            tokio::time::sleep(delay).await;
+        }
+        if let Some(status) = action.abort {
+            count(&ctx.metrics.faults, &labels, "abort");
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+            let mut resp = error_response(status, "weft: fault injected".into());
+            resp.headers_mut()
+                .insert(headers::FAULT, http::HeaderValue::from_static("abort"));
+            return answer(resp, &route.name);
+        }
+    }
+
+    let deadline = route.timeout.map(|t| Instant::now() + t);
+    let Some(backend) = route::pick_backend(&route.backends, &mut rand::rng()) else {
+        let msg = format!("weft: route {} of {service} has no backends", route.name);
+        return answer(
+            error_response(StatusCode::SERVICE_UNAVAILABLE, msg),
+            &route.name,
+        );
+    };
+    let Some(cluster) = state.cluster(&backend.service).cloned() else {
+        let msg = format!(
+            "weft: backend service {} is not in the mesh",
+            backend.service
+        );
+        return answer(
+            error_response(StatusCode::SERVICE_UNAVAILABLE, msg),
+            &route.name,
+        );
+    };
+    let endpoints = cluster.subset(&backend.subset);
+    if endpoints.is_empty() {
+        let msg = format!(
+            "weft: service {} has no endpoints in subset {:?}",
+            backend.service, backend.subset
+        );
+        return answer(
+            error_response(StatusCode::SERVICE_UNAVAILABLE, msg),
+            &route.name,
+        );
+    }
+
+    let permit = match within(deadline, cluster.breaker.acquire()).await {
+        Some(Ok(p)) => p,
+        Some(Err(overflow)) => {
+            ctx.metrics
+                .overflows
+                .get_or_create(&ServiceReasonLabels {
+                    service: backend.service.clone(),
+                    reason: "requests",
+                })
+                .inc();
+            let mut resp = error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("weft: {} overflow: {overflow}", backend.service),
+            );
+            resp.headers_mut()
+                .insert(headers::OVERFLOW, http::HeaderValue::from_static("1"));
+            return answer(resp, &route.name);
+        }
+        None => {
+            count(&ctx.metrics.timeouts, &labels, "request");
+            let msg = format!(
+                "weft: request timeout ({}) while queued for {}",
+                humantime::format_duration(route.timeout.unwrap_or_default()),
+                backend.service
+            );
+            return answer(
+                error_response(StatusCode::GATEWAY_TIMEOUT, msg),
+                &route.name,
+            );
+        }
+    };
+    cluster.budget.deposit();
+
+    // Keep the body for replay only if something may send it again.
+    let keep = if route.retries.attempts > 0 || route.mirror.is_some() {
+        route.retries.max_body_bytes
+    } else {
+        0
+    };
+    let root = ReplayBody::new(
+        http_body_util::BodyExt::boxed_unsync(http_body_util::BodyExt::map_err(body, |e| {
+            Box::new(e) as body::BoxError
+        })),
+        keep,
+    );
+    if let Some(m) = &route.mirror {
+        super::mirror::spawn(ctx, &state, service, route, m, &parts, &root);
+    }
+
+    let tries = Tries {
+        ctx,
+        cluster: &cluster,
+        endpoints: &endpoints,
+        route,
+        labels: &labels,
+        authority: &backend.service,
+        parts: &parts,
+        root: &root,
+        deadline,
+    };
+    let (resp, peer) = tries.run(permit).await;
+    Handled {
+        resp,
+        peer,
+        route: route.name.clone(),
+    }
+}
+
+fn count(
+    family: &prometheus_client::metrics::family::Family<
+        RouteReasonLabels,
+        prometheus_client::metrics::counter::Counter,
+    >,
+    l: &RouteLabels,
+    reason: &'static str,
+) {
+    family
+        .get_or_create(&RouteReasonLabels {
+            service: l.service.clone(),
+            route: l.route.clone(),
+            reason,
+        })
+        .inc();
+}
+
+/// Everything one request's tries share.
+struct Tries<'a> {
+    ctx: &'a Arc<Ctx>,
+    cluster: &'a Arc<Cluster>,
+    endpoints: &'a [Arc<EndpointState>],
+    route: &'a Route,
+    labels: &'a RouteLabels,
+    authority: &'a str,
+    parts: &'a Parts,
+    root: &'a ReplayBody,
+    deadline: Option<Instant>,
+}
+
+/// Why a try ended without a response to return or retry.
+pub(super) enum TryError {
+    /// Something a retry may fix.
+    Failed(Failure, String),
+    /// An answer to give the app as is (e.g. 431: headers too big for the peer).
+    Answer(Response<ProxyBody>),
+}
+
+/// A response head from a peer, its body still to come.
+pub(super) struct Sent {
+    pub head: Response<()>,
+    pub recv: ClientRecv,
+    pub peer: String,
+    pub upload: Upload,
+}
+
+/// The task sending the request body; dropping this stops it, so a
+/// response that is not used (retried, or a mirror's) stops the upload too.
+pub(super) struct Upload(JoinHandle<()>);
+
+impl Drop for Upload {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl Tries<'_> {
+    async fn run(&self, permit: BreakerPermit) -> (Response<ProxyBody>, String) {
+        let policy = &self.route.retries;
+        let idempotent = retry::is_idempotent(&self.parts.method);
+        let mut tried: Vec<SocketAddr> = Vec::new();
+        let mut retries = 0u32;
+        loop {
+            let now = Instant::now();
+            let Some(ep) = balance::choose(
+                self.cluster.lb,
+                self.endpoints,
+                &tried,
+                &self.cluster.rr,
+                &mut rand::rng(),
+                now,
+            ) else {
+                let msg = format!("weft: {} has no endpoints", self.authority);
+                return (
+                    error_response(StatusCode::SERVICE_UNAVAILABLE, msg),
+                    String::new(),
+                );
+            };
+            tried.push(ep.addr());
+            let try_deadline = earliest(self.deadline, policy.per_try_timeout.map(|t| now + t));
+            let in_flight = ep.start();
+            let Some(body) = self.root.replay() else {
+                // Only reachable on a retry, which checks `replayable` first.
+                let msg = "weft: request body can no longer be replayed".to_string();
+                return (error_response(StatusCode::BAD_GATEWAY, msg), String::new());
+            };
+            let connect_timeout = self.cluster.service.policy.connect_timeout;
+            let result = within(
+                try_deadline,
+                send(
+                    self.ctx,
+                    self.authority,
+                    ep.addr(),
+                    self.parts,
+                    body,
+                    try_deadline,
+                    connect_timeout,
+                    false,
+                ),
+            )
+            .await;
+            let elapsed = now.elapsed();
+            let (failure, last) = match result {
+                Some(Ok(sent)) => {
+                    let status = sent.head.status().as_u16();
+                    ep.observe_latency(elapsed, Instant::now());
+                    self.record(&ep, AttemptResult::Status(status));
+                    if status < 500 && !policy.on.contains(&retry::RetryOn::Status(status)) {
+                        return self.respond(sent, permit, in_flight);
+                    }
+                    (Failure::Status(status), Last::Response(Box::new(sent)))
+                }
+                Some(Err(TryError::Answer(resp))) => return (resp, String::new()),
+                Some(Err(TryError::Failed(f, msg))) => {
+                    let (r, status) = match f {
+                        Failure::ConnectFailure => (
+                            AttemptResult::ConnectFailure,
+                            StatusCode::SERVICE_UNAVAILABLE,
+                        ),
+                        Failure::RefusedStream => {
+                            (AttemptResult::Reset, StatusCode::SERVICE_UNAVAILABLE)
+                        }
+                        _ => (AttemptResult::Reset, StatusCode::BAD_GATEWAY),
+                    };
+                    self.record(&ep, r);
+                    (f, Last::Error(status, msg))
+                }
+                None => {
+                    ep.observe_latency(elapsed, Instant::now());
+                    if self.deadline.is_some_and(|d| Instant::now() >= d) {
+                        count(&self.ctx.metrics.timeouts, self.labels, "request");
+                        return (self.timeout_response(), String::new());
+                    }
+                    count(&self.ctx.metrics.timeouts, self.labels, "per_try");
+                    self.record(&ep, AttemptResult::Reset);
+                    let msg = format!(
+                        "weft: per-try timeout ({}) waiting for {}",
+                        humantime::format_duration(policy.per_try_timeout.unwrap_or_default()),
+                        ep.addr()
+                    );
+                    (Failure::PerTryTimeout, Last::Timeout(msg))
+                }
+            };
+            drop(in_flight);
+
+            // May this failure be tried again? A connect failure is only
+            // retried on another endpoint: the same one just failed to answer
+            // within the connect timeout, and would again.
+            let elsewhere = failure != Failure::ConnectFailure
+                || self.endpoints.iter().any(|e| !tried.contains(&e.addr()));
+            let allowed = retry::retryable(&policy.on, failure).is_some()
+                && elsewhere
+                && retries < policy.attempts
+                && (idempotent || policy.non_idempotent || retry::never_processed(failure))
+                && self.root.replayable();
+            if !allowed {
+                return last.into_response(permit);
+            }
+            if !self.cluster.budget.withdraw() {
+                self.ctx
+                    .metrics
+                    .retry_budget_exhausted
+                    .get_or_create(self.labels)
+                    .inc();
+                return last.into_response(permit);
+            }
+            drop(last);
+            retries += 1;
+            count(&self.ctx.metrics.retries, self.labels, failure.label());
+            let pause = retry::backoff(
+                retries,
+                policy.backoff_base,
+                policy.backoff_max,
+                &mut rand::rng(),
+            );
+            if within(self.deadline, tokio::time::sleep(pause))
+                .await
+                .is_none()
+            {
+                count(&self.ctx.metrics.timeouts, self.labels, "request");
+                return (self.timeout_response(), String::new());
+            }
+        }
+    }
+
+    fn record(&self, ep: &EndpointState, result: AttemptResult) {
+        if let Some(reason) =
+            self.cluster
+                .outlier
+                .record(ep, &self.cluster.states, result, Instant::now())
+        {
+            tracing::warn!(service = %self.cluster.service.name, endpoint = %ep.addr(), reason, "endpoint ejected");
+            self.ctx
+                .metrics
+                .ejections
+                .get_or_create(&ServiceReasonLabels {
+                    service: self.cluster.service.name.clone(),
+                    reason,
+                })
+                .inc();
+        }
+    }
+
+    fn respond(
+        &self,
+        sent: Sent,
+        permit: BreakerPermit,
+        in_flight: balance::InFlight,
+    ) -> (Response<ProxyBody>, String) {
+        stream_response(sent, (permit, Some(in_flight)))
+    }
+
+    fn timeout_response(&self) -> Response<ProxyBody> {
+        let t = self.route.timeout.unwrap_or_default();
+        error_response(
+            StatusCode::GATEWAY_TIMEOUT,
+            format!(
+                "weft: request timeout ({}) calling {}",
+                humantime::format_duration(t),
+                self.authority
+            ),
+        )
+    }
+}
+
+/// The last try's outcome, returned when no retry follows.
+enum Last {
+    Response(Box<Sent>),
+    Error(StatusCode, String),
+    Timeout(String),
+}
+
+impl Last {
+    fn into_response(self, permit: BreakerPermit) -> (Response<ProxyBody>, String) {
+        match self {
+            Last::Response(sent) => stream_response(*sent, permit),
+            Last::Error(status, msg) => (error_response(status, msg), String::new()),
+            Last::Timeout(msg) => (
+                error_response(StatusCode::GATEWAY_TIMEOUT, msg),
+                String::new(),
+            ),
+        }
+    }
+}
+
+/// Turn a response head into the app's response; its body streams from the
+/// peer, and `hold` (breaker slot, in-flight count) lasts until it ends.
+fn stream_response<H: Send + 'static>(sent: Sent, hold: H) -> (Response<ProxyBody>, String) {
+    let (tx, chan) = ChannelBody::new();
+    let Sent {
+        head,
+        recv,
+        peer,
+        upload,
+    } = sent;
+    tokio::spawn(async move {
+        // The upload may still be running (the peer answered early); it and
+        // `hold` end with the response body.
+        let _hold = (hold, upload);
+        if let Err(e) = body::h3_to_channel(recv, tx).await {
+            tracing::debug!(error = %e, "response body ended early");
+        }
+    });
+    let (mut rparts, ()) = head.into_parts();
+    headers::strip_hop_by_hop(&mut rparts.headers);
+    (Response::from_parts(rparts, body::boxed(chan)), peer)
+}
+
+/// One try: send the request to the peer sidecar at `addr` and wait for the
+/// response head. `deadline` (if any) is told to the peer.
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn send(
+    ctx: &Arc<Ctx>,
+    authority: &str,
+    addr: SocketAddr,
+    parts: &Parts,
+    body: ReplayBody,
+    deadline: Option<Instant>,
+    connect_timeout: std::time::Duration,
+    mirror: bool,
+) -> Result<Sent, TryError> {
+    let (_conn, (mut sender, peer)) =
+        match tokio::time::timeout(connect_timeout, ctx.h3_pool.get(addr)).await {
+            Ok(Ok(x)) => x,
+            Ok(Err(e)) => {
+                return Err(TryError::Failed(
+                    Failure::ConnectFailure,
+                    format!("weft: upstream connect error: {e}"),
+                ))
+            }
+            Err(_) => {
+                return Err(TryError::Failed(
+                    Failure::ConnectFailure,
+                    format!(
+                        "weft: upstream connect timeout ({}) to {addr}",
+                        humantime::format_duration(connect_timeout)
+                    ),
+                ))
+            }
+        };
+    let path = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    let uri = http::Uri::builder()
+        .scheme("https")
+        .authority(authority)
+        .path_and_query(path)
+        .build()
+        .map_err(|e| {
+            TryError::Answer(error_response(
+                StatusCode::BAD_REQUEST,
+                format!("weft: bad request target: {e}"),
+            ))
+        })?;
+    let mut req = Request::new(());
+    *req.method_mut() = parts.method.clone();
+    *req.uri_mut() = uri;
+    *req.headers_mut() = parts.headers.clone();
+    if let Some(d) = deadline {
+        // At least 1 ms: 0 would read as "already late" on the peer.
+        let ms = d
+            .saturating_duration_since(Instant::now())
+            .as_millis()
+            .max(1);
+        req.headers_mut()
+            .insert(headers::DEADLINE_MS, http::HeaderValue::from(ms as u64));
+    }
+    if mirror {
+        req.headers_mut()
+            .insert(headers::MIRROR, http::HeaderValue::from_static("1"));
+    }
+    let stream = match sender.send_request(req).await {
+        Ok(s) => s,
+        Err(e) if matches!(e, h3::error::StreamError::HeaderTooBig { .. }) => {
+            return Err(TryError::Answer(error_response(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                format!("weft: sending request to {addr}: {e}"),
+            )))
+        }
+        // The request head did not go out: the peer never saw it.
+        Err(e) => {
+            return Err(TryError::Failed(
+                Failure::RefusedStream,
+                format!("weft: sending request to {addr}: {e}"),
+            ))
+        }
+    };
+    let (mut send, mut recv) = stream.split();
+    // Upload the body while waiting for the response: the peer may answer
+    // before the body ends (e.g. 413), and big bodies must stream.
+    let upload = Upload(tokio::spawn(async move {
+        if let Err(e) = body::body_to_h3(body, &mut send).await {
+            tracing::debug!(error = %e, "request body upload ended early");
+        }
+    }));
+    match recv.recv_response().await {
+        Ok(head) => Ok(Sent {
+            head,
+            recv,
+            peer: peer.to_string(),
+            upload,
+        }),
+        Err(e) => {
+            let refused = matches!(
+                e,
+                h3::error::StreamError::RemoteTerminate { code, .. }
+                    if code == h3::error::Code::H3_REQUEST_REJECTED
+            );
+            let f = if refused {
+                Failure::RefusedStream
+            } else {
+                Failure::Reset
+            };
+            Err(TryError::Failed(
+                f,
+                format!("weft: no response from {addr}: {e}"),
+            ))
+        }
+    }
+}

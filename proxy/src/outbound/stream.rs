@@ -1,0 +1,245 @@
+//! One outbound TCP connection: fault injection (delay, reset) → backend by
+//! weight → circuit breaker (concurrent streams) → connect to an endpoint
+//! with retries on connect failure (the bytes have not been sent, so this
+//! is always safe) → copy both ways until both sides end or the stream is
+//! idle for the service's `idle_timeout`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use weft_transport::preamble;
+
+use crate::balance::{self, AttemptResult, EndpointState};
+use crate::cluster::Cluster;
+use crate::metrics::{RouteLabels, RouteReasonLabels, ServiceReasonLabels, TcpLabels, OUTBOUND};
+use crate::retry::{self, Failure};
+use crate::route;
+use crate::sidecar::Ctx;
+
+/// How long the peer sidecar may take to answer a TCP stream preamble,
+/// beyond the connect timeout it is given (it connects to its app first).
+const PREAMBLE_GRACE: Duration = Duration::from_secs(1);
+
+pub(super) async fn proxy(ctx: Arc<Ctx>, service: String, stream: TcpStream, from: SocketAddr) {
+    let labels = TcpLabels {
+        direction: OUTBOUND,
+        service: service.clone(),
+        peer: String::new(),
+    };
+    ctx.metrics.tcp_connections.get_or_create(&labels).inc();
+    match connect(&ctx, &service).await {
+        Ok(Connected {
+            send,
+            recv,
+            peer,
+            idle,
+            hold,
+        }) => {
+            let labels = TcpLabels { peer, ..labels };
+            let active = ctx.metrics.tcp_active.get_or_create(&labels).clone();
+            active.inc();
+            let result = crate::copy::bidi(stream, send, recv, idle).await;
+            drop(hold);
+            active.dec();
+            ctx.metrics
+                .tcp_sent_bytes
+                .get_or_create(&labels)
+                .inc_by(result.to_peer);
+            ctx.metrics
+                .tcp_received_bytes
+                .get_or_create(&labels)
+                .inc_by(result.from_peer);
+            if let Some(e) = result.error {
+                tracing::debug!(%service, %from, error = %e, "TCP stream ended with error");
+            }
+        }
+        Err(e) => {
+            tracing::warn!(%service, %from, error = %e, "TCP stream refused");
+            crate::copy::reset(stream);
+        }
+    }
+}
+
+struct Connected {
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    peer: String,
+    idle: Option<Duration>,
+    /// Breaker slot and in-flight count, held while the stream lives.
+    hold: (crate::breaker::BreakerPermit, balance::InFlight),
+}
+
+async fn connect(ctx: &Arc<Ctx>, service: &str) -> Result<Connected, String> {
+    let state = ctx.state.load_full();
+    let svc = state
+        .service(service)
+        .ok_or_else(|| format!("service {service} is no longer in the mesh"))?;
+    let fallback;
+    let route = match svc.routes.first() {
+        Some(r) => r,
+        None => {
+            fallback = crate::mesh::Route::default_for(service);
+            &fallback
+        }
+    };
+    let rl = RouteLabels {
+        service: service.to_string(),
+        route: route.name.clone(),
+    };
+    let fault = |reason| {
+        ctx.metrics
+            .faults
+            .get_or_create(&RouteReasonLabels {
+                service: rl.service.clone(),
+                route: rl.route.clone(),
+                reason,
+            })
+            .inc()
+    };
+    if let Some(f) = &route.fault {
+        let action = route::fault_action(f, None, &mut rand::rng());
+        if let Some(d) = action.delay {
+            fault("delay");
+            tokio::time::sleep(d).await;
+        }
+        if action.abort.is_some() {
+            fault("reset");
+            return Err("fault injected: stream reset".into());
+        }
+    }
+    let backend = route::pick_backend(&route.backends, &mut rand::rng())
+        .ok_or_else(|| format!("route {} has no backends", route.name))?;
+    let cluster = state
+        .cluster(&backend.service)
+        .cloned()
+        .ok_or_else(|| format!("backend service {} is not in the mesh", backend.service))?;
+    let endpoints = cluster.subset(&backend.subset);
+    let policy = &cluster.service.policy;
+    let permit = match tokio::time::timeout(policy.connect_timeout, cluster.breaker.acquire()).await
+    {
+        Ok(Ok(p)) => p,
+        Ok(Err(overflow)) => {
+            ctx.metrics
+                .overflows
+                .get_or_create(&ServiceReasonLabels {
+                    service: backend.service.clone(),
+                    reason: "streams",
+                })
+                .inc();
+            return Err(format!("{} overflow: {overflow}", backend.service));
+        }
+        Err(_) => return Err(format!("timed out queued for {}", backend.service)),
+    };
+    cluster.budget.deposit();
+    let mut tried = Vec::new();
+    let mut retries = 0;
+    loop {
+        let ep = balance::choose(
+            cluster.lb,
+            &endpoints,
+            &tried,
+            &cluster.rr,
+            &mut rand::rng(),
+            Instant::now(),
+        )
+        .ok_or_else(|| format!("service {} has no endpoints", backend.service))?;
+        tried.push(ep.addr());
+        let in_flight = ep.start();
+        let started = Instant::now();
+        let error = match open(ctx, &cluster, &backend.service, &ep).await {
+            Ok((send, recv, peer)) => {
+                ep.observe_latency(started.elapsed(), Instant::now());
+                record(ctx, &cluster, &ep, AttemptResult::Status(200));
+                return Ok(Connected {
+                    send,
+                    recv,
+                    peer,
+                    idle: policy.idle_timeout,
+                    hold: (permit, in_flight),
+                });
+            }
+            Err(e) => e,
+        };
+        record(ctx, &cluster, &ep, AttemptResult::ConnectFailure);
+        let p = &route.retries;
+        let elsewhere = endpoints.iter().any(|e| !tried.contains(&e.addr()));
+        if retry::retryable(&p.on, Failure::ConnectFailure).is_none()
+            || retries >= p.attempts
+            || !elsewhere
+        {
+            return Err(error);
+        }
+        if !cluster.budget.withdraw() {
+            ctx.metrics.retry_budget_exhausted.get_or_create(&rl).inc();
+            return Err(error);
+        }
+        retries += 1;
+        ctx.metrics
+            .retries
+            .get_or_create(&RouteReasonLabels {
+                service: rl.service.clone(),
+                route: rl.route.clone(),
+                reason: Failure::ConnectFailure.label(),
+            })
+            .inc();
+        tracing::debug!(service = %backend.service, endpoint = %ep.addr(), %error, "retrying TCP connect");
+        let pause = retry::backoff(retries, p.backoff_base, p.backoff_max, &mut rand::rng());
+        tokio::time::sleep(pause).await;
+    }
+}
+
+fn record(ctx: &Ctx, cluster: &Cluster, ep: &EndpointState, result: AttemptResult) {
+    if let Some(reason) = cluster
+        .outlier
+        .record(ep, &cluster.states, result, Instant::now())
+    {
+        tracing::warn!(service = %cluster.service.name, endpoint = %ep.addr(), reason, "endpoint ejected");
+        ctx.metrics
+            .ejections
+            .get_or_create(&ServiceReasonLabels {
+                service: cluster.service.name.clone(),
+                reason,
+            })
+            .inc();
+    }
+}
+
+/// Open a stream to one endpoint and complete the preamble exchange.
+async fn open(
+    ctx: &Arc<Ctx>,
+    cluster: &Cluster,
+    service: &str,
+    ep: &EndpointState,
+) -> Result<(quinn::SendStream, quinn::RecvStream, String), String> {
+    let addr = ep.addr();
+    let connect_timeout = cluster.service.policy.connect_timeout;
+    let (conn, peer) = tokio::time::timeout(connect_timeout, ctx.l4_pool.get(addr))
+        .await
+        .map_err(|_| format!("connect to {addr} timed out"))?
+        .map_err(|e| e.to_string())?;
+    let peer = peer.to_string();
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    let req = preamble::Request {
+        target: service.to_string(),
+        port: cluster.service.port,
+        // The peer bounds its connect to the app by what we will wait.
+        deadline_ms: u32::try_from(connect_timeout.as_millis()).unwrap_or(u32::MAX),
+    };
+    let bytes = req.encode().map_err(|e| e.to_string())?;
+    send.write_all(&bytes).await.map_err(|e| e.to_string())?;
+    let wait = connect_timeout + PREAMBLE_GRACE;
+    let resp = tokio::time::timeout(wait, weft_transport::l4::read_response(&mut recv))
+        .await
+        .map_err(|_| format!("{addr} did not answer the stream preamble in {wait:?}"))?
+        .map_err(|e| format!("reading the answer of {addr}: {e}"))?;
+    if resp.status != preamble::Status::Ok {
+        return Err(format!(
+            "{addr} refused the stream: {:?} {}",
+            resp.status, resp.message
+        ));
+    }
+    Ok((send, recv, peer))
+}
