@@ -1049,3 +1049,217 @@ impl Checker<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mesh::{Mesh, MeshError, MeshErrors};
+
+    /// The issue's example, with the services it names.
+    const EXAMPLE: &str = r#"trust_domain = "td"
+[services.payment]
+endpoints = [{ addr = "127.0.0.1:1", labels = { version = "v1" } }, { addr = "127.0.0.1:2", labels = { version = "v2" } }]
+[services.payment-shadow]
+endpoints = ["127.0.0.1:3"]
+[[services.payment.routes]]
+match = { headers = { "x-canary" = "1" }, path_prefix = "/" }
+backends = [ { subset = { version = "v2" }, weight = 100 } ]
+[[services.payment.routes]]
+backends = [ { subset = { version = "v1" }, weight = 90 }, { subset = { version = "v2" }, weight = 10 } ]
+timeout = "2s"
+retries = { attempts = 3, per_try_timeout = "500ms", on = ["5xx", "connect-failure", 409] }
+fault = { delay = { percent = 10, duration = "100ms" }, abort = { percent = 5, status = 503 } }
+mirror = { service = "payment-shadow", percent = 100 }
+[services.payment.circuit_breaker]
+max_requests = 1000
+max_pending = 100
+[services.payment.outlier_detection]
+consecutive_5xx = 5
+base_ejection_time = "30s"
+max_ejection_percent = 50
+"#;
+
+    fn errors(text: &str) -> Vec<MeshError> {
+        match Mesh::parse(text, "mesh.toml") {
+            Ok(m) => panic!("expected errors, got {m:#?}"),
+            Err(MeshErrors(e)) => e,
+        }
+    }
+
+    fn base(extra: &str) -> String {
+        format!(
+            "trust_domain = \"td\"\n[services.p]\nendpoints = [{{ addr = \"127.0.0.1:1\", labels = {{ v = \"1\" }} }}]\n[services.t]\nprotocol = \"tcp\"\nendpoints = [\"127.0.0.1:2\"]\n{extra}"
+        )
+    }
+
+    #[test]
+    fn parses_the_issue_example() {
+        let mesh = Mesh::parse(EXAMPLE, "m").unwrap_or_else(|e| panic!("{e}"));
+        let p = mesh.service("payment").unwrap();
+        assert_eq!(p.routes.len(), 2);
+        let canary = &p.routes[0];
+        assert_eq!(canary.name, "route-1");
+        assert_eq!(
+            canary.matches.headers,
+            [("x-canary".to_string(), HeaderMatch::Exact("1".into()))]
+        );
+        assert_eq!(canary.matches.path, Some(PathMatch::Prefix("/".into())));
+        assert_eq!(canary.retries, RetryPolicy::default());
+        let split = &p.routes[1];
+        assert_eq!(
+            split.backends.iter().map(|b| b.weight).collect::<Vec<_>>(),
+            [90, 10]
+        );
+        assert!(split.backends.iter().all(|b| b.service == "payment"));
+        assert_eq!(split.timeout, Some(Duration::from_secs(2)));
+        assert_eq!(split.retries.attempts, 3);
+        assert_eq!(
+            split.retries.per_try_timeout,
+            Some(Duration::from_millis(500))
+        );
+        assert_eq!(
+            split.retries.on,
+            [
+                RetryOn::Status5xx,
+                RetryOn::ConnectFailure,
+                RetryOn::Status(409)
+            ]
+        );
+        let fault = split.fault.as_ref().unwrap();
+        assert_eq!(
+            fault.delay.as_ref().unwrap().duration,
+            Duration::from_millis(100)
+        );
+        assert_eq!(fault.abort.as_ref().unwrap().status, 503);
+        assert_eq!(split.mirror.as_ref().unwrap().service, "payment-shadow");
+        assert_eq!(p.policy.circuit_breaker.max_requests, 1000);
+        assert_eq!(p.policy.circuit_breaker.max_pending, 100);
+        let od = p.policy.outlier_detection.as_ref().unwrap();
+        assert_eq!(od.consecutive_5xx, Some(5));
+        assert_eq!(od.base_ejection_time, Duration::from_secs(30));
+        // A service without routes gets the default route.
+        let shadow = mesh.service("payment-shadow").unwrap();
+        assert_eq!(shadow.routes, [Route::default_for("payment-shadow")]);
+        // /config shows durations as people write them.
+        let json = serde_json::to_value(&mesh).unwrap();
+        assert_eq!(json["services"]["payment"]["routes"][1]["timeout"], "2s");
+        assert_eq!(
+            json["services"]["payment"]["routes"][1]["retries"]["on"][2],
+            "409"
+        );
+        assert_eq!(json["services"]["payment"]["load_balancer"], "p2c-ewma");
+    }
+
+    #[test]
+    fn every_policy_error_is_reported_with_its_line() {
+        let text = base(
+            r#"[[services.p.routes]]
+timeout = "soon"
+[[services.p.routes]]
+match = { path_regex = "(" }
+[[services.p.routes]]
+backends = [{ service = "nope" }]
+[[services.p.routes]]
+backends = [{ subset = { v = "9" } }]
+[[services.p.routes]]
+fault = { abort = { percent = 150 } }
+[[services.p.routes]]
+retries = { on = ["sometimes"] }
+[[services.t.routes]]
+match = { path = "/x" }
+"#,
+        );
+        let errors = errors(&text);
+        let lines: Vec<_> = errors.iter().map(|e| e.line.unwrap_or(0)).collect();
+        let msgs: Vec<_> = errors.iter().map(|e| e.message.as_str()).collect();
+        assert_eq!(lines, [8, 10, 12, 14, 16, 16, 18, 20], "{msgs:#?}");
+        assert!(
+            msgs[0].contains("\"soon\" is not a duration"),
+            "{}",
+            msgs[0]
+        );
+        assert!(
+            msgs[1].contains("not a valid regular expression"),
+            "{}",
+            msgs[1]
+        );
+        assert!(
+            msgs[2].contains("backend service \"nope\" is not in the mesh"),
+            "{}",
+            msgs[2]
+        );
+        assert!(msgs[3].contains("selects no endpoint"), "{}", msgs[3]);
+        assert!(
+            msgs[4..6].iter().any(|m| m.contains("needs a status")),
+            "{msgs:?}"
+        );
+        assert!(
+            msgs[4..6]
+                .iter()
+                .any(|m| m.contains("percentage from 0 to 100")),
+            "{msgs:?}"
+        );
+        assert!(msgs[6].contains("sometimes"), "{}", msgs[6]);
+        assert!(msgs[7].contains("match needs HTTP"), "{}", msgs[7]);
+    }
+
+    #[test]
+    fn service_policy_defaults_and_errors() {
+        let mesh = Mesh::parse(&base(""), "m").unwrap();
+        let p = &mesh.service("p").unwrap().policy;
+        assert_eq!(p, &ServicePolicy::default());
+        assert!(p.outlier_detection.is_none());
+        let text = base(
+            "[services.p.outlier_detection]\nmax_ejection_percent = 101\n[services.p.circuit_breaker]\nmax_requests = 0\n",
+        );
+        let e = errors(&text);
+        assert_eq!(
+            e.iter().map(|e| e.line).collect::<Vec<_>>(),
+            [Some(8), Some(10)],
+            "{e:#?}"
+        );
+        // An outlier table without thresholds means Envoy's default of 5.
+        let mesh = Mesh::parse(&base("[services.p.outlier_detection]\n"), "m").unwrap();
+        let od = mesh
+            .service("p")
+            .unwrap()
+            .policy
+            .outlier_detection
+            .clone()
+            .unwrap();
+        assert_eq!(od.consecutive_5xx, Some(5));
+        assert_eq!(od.max_ejection_percent, 50);
+        let e =
+            errors(&base("").replace("[services.t]", "load_balancer = \"random\"\n[services.t]"));
+        assert_eq!(e.len(), 1, "{e:#?}");
+        assert!(e[0].message.contains("load_balancer"), "{e:#?}");
+        assert!(
+            e[0].message.contains("least-request"),
+            "lists the valid names: {e:#?}"
+        );
+    }
+
+    #[test]
+    fn tcp_service_takes_one_route_with_backends_and_fault() {
+        let text = r#"trust_domain = "td"
+[services.t]
+protocol = "tcp"
+endpoints = ["127.0.0.1:2"]
+connect_timeout = "2s"
+idle_timeout = "none"
+[[services.t.routes]]
+fault = { abort = { percent = 5 }, delay = { percent = 1, duration = "1s" } }
+"#;
+        let mesh = Mesh::parse(text, "m").unwrap_or_else(|e| panic!("{e}"));
+        let t = mesh.service("t").unwrap();
+        assert_eq!(t.policy.connect_timeout, Duration::from_secs(2));
+        assert_eq!(t.policy.idle_timeout, None);
+        let abort = t.routes[0].fault.as_ref().unwrap().abort.as_ref().unwrap();
+        assert_eq!((abort.percent, abort.status), (5.0, 0));
+        // A status means nothing to TCP, and a second route could never match.
+        let e = errors(&base(
+            "[[services.t.routes]]\nfault = { abort = { percent = 5, status = 503 } }\n[[services.t.routes]]\n",
+        ));
+        assert_eq!(e.len(), 2, "{e:#?}");
+    }
+}
