@@ -1,8 +1,11 @@
 //! `weft demo`: the embedded default. A CA, a `customer` app calling a
-//! `payment` HTTP service and an `echo` TCP service, each app with its own
-//! sidecar, all on loopback with ephemeral ports. Sidecars get their
+//! `payment` HTTP service (a stable v1 and a canary v2 that fails one
+//! request in twenty) and an `echo` TCP service, each app instance with its
+//! own sidecar, all on loopback with ephemeral ports. Sidecars get their
 //! certificates by CSR from the CA with join tokens, exactly as in a real
-//! deployment. Prints a line per second and a summary a person can read.
+//! deployment. The mesh file sends 10 % of payment traffic to the canary and
+//! retries its failures, so the customer sees none. Prints a line per second
+//! and a summary a person can read.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -17,7 +20,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::mesh::{Endpoint, Mesh, Protocol, Service};
+use crate::mesh::{Mesh, Protocol, Service};
 use crate::metrics::{parse_text, Sample};
 use crate::sidecar::{IdentitySource, Limits, Sidecar, SidecarConfig};
 
@@ -59,7 +62,7 @@ pub async fn run(duration: Option<Duration>) -> anyhow::Result<bool> {
 }
 
 async fn run_in(dir: &std::path::Path, duration: Option<Duration>) -> anyhow::Result<bool> {
-    println!("weft demo: starting a CA, 3 services and their sidecars on loopback");
+    println!("weft demo: starting a CA, 3 services (4 instances) and their sidecars on loopback");
     // 1. The CA, serving CSRs over HTTPS.
     let ca = Arc::new(weft_ca::Ca::init(dir, TRUST_DOMAIN).context("creating the demo CA")?);
     let ca_listener = TcpListener::bind("127.0.0.1:0").await?;
@@ -70,11 +73,13 @@ async fn run_in(dir: &std::path::Path, duration: Option<Duration>) -> anyhow::Re
         Duration::from_secs(3600),
     ));
 
-    // 2. The apps.
-    let payment_app = start_payment_app().await?;
+    // 2. The apps: payment v1, payment v2 (the canary, failing 1 in 20), echo.
+    let payment_v1 = start_payment_app("v1", None).await?;
+    let payment_v2 = start_payment_app("v2", Some(CANARY_FAILS_ONE_IN)).await?;
     let echo_app = start_echo_app().await?;
 
-    // 3. Sidecars; endpoints are filled in once their ports are known.
+    // 3. Sidecars start with the services and no endpoints; the mesh file
+    //    with endpoints and routes is applied once their ports are known.
     let mut mesh = Mesh {
         trust_domain: TRUST_DOMAIN.into(),
         services: BTreeMap::new(),
@@ -115,35 +120,44 @@ async fn run_in(dir: &std::path::Path, duration: Option<Duration>) -> anyhow::Re
     )
     .await
     .context("starting the customer sidecar")?;
-    let payment = sidecar("payment", Some(payment_app), vec![])
+    let payment1 = sidecar("payment", Some(payment_v1), vec![])
         .await
-        .context("starting the payment sidecar")?;
+        .context("starting the payment v1 sidecar")?;
+    let payment2 = sidecar("payment", Some(payment_v2), vec![])
+        .await
+        .context("starting the payment v2 sidecar")?;
     let echo = sidecar("echo", Some(echo_app), vec![])
         .await
         .context("starting the echo sidecar")?;
-    for (svc, sc) in [("payment", &payment), ("echo", &echo)] {
-        if let Some(s) = mesh.services.get_mut(svc) {
-            s.endpoints.push(Endpoint {
-                addr: sc.inbound_addr,
-                labels: BTreeMap::new(),
-            });
-        }
-    }
-    for sc in [&customer, &payment, &echo] {
+    let text = mesh_file(
+        payment1.inbound_addr,
+        payment2.inbound_addr,
+        echo.inbound_addr,
+    );
+    let mesh = Mesh::parse(&text, "demo mesh file").map_err(|e| anyhow::anyhow!("{e}"))?;
+    for sc in [&customer, &payment1, &payment2, &echo] {
         sc.set_mesh(mesh.clone());
     }
     let sidecars = [
         ("customer", &customer),
-        ("payment", &payment),
+        ("payment-v1", &payment1),
+        ("payment-v2", &payment2),
         ("echo", &echo),
     ];
     for (name, sc) in sidecars {
         println!(
-            "  {name:<9} sidecar  identity {}  QUIC udp/{}  admin http://{}/",
+            "  {name:<10} sidecar  identity {}  QUIC udp/{}  admin http://{}/",
             sc.identity(),
             sc.inbound_addr,
             sc.admin_addr
         );
+    }
+    println!("  the mesh file's policy for payment:");
+    for line in text
+        .lines()
+        .skip_while(|l| !l.starts_with("[[services.payment.routes]]"))
+    {
+        println!("    {line}");
     }
 
     // 4. The customer app sends traffic through its sidecar.
@@ -225,16 +239,42 @@ async fn run_in(dir: &std::path::Path, duration: Option<Duration>) -> anyhow::Re
     println!(
         "  QUIC connections dialed by the customer sidecar: {quic_out} (one per peer and protocol, shared by all requests)"
     );
+    let answered = |sc: &Sidecar| {
+        let m = parse_text(&sc.metrics().encode());
+        let all = crate::metrics::sum(&m, "weft_requests_total", &[("direction", "inbound")]);
+        let failed: f64 = m
+            .iter()
+            .filter(|s| s.name == "weft_requests_total" && s.label("direction") == Some("inbound"))
+            .filter(|s| s.label("status").is_some_and(|c| c.starts_with('5')))
+            .fold(0.0, |n, s| n + s.value);
+        (all, failed)
+    };
+    let (v1, v1_failed) = answered(&payment1);
+    let (v2, v2_failed) = answered(&payment2);
+    let retries = crate::metrics::sum(&customer_m, "weft_retries_total", &[]);
+    let share = |n: f64| 100.0 * n / (v1 + v2).max(1.0);
+    println!(
+        "  Canary split: payment v1 answered {v1:.0} requests ({:.1}%), v2 {v2:.0} ({:.1}%; the route asks for 90/10)",
+        share(v1),
+        share(v2)
+    );
+    println!(
+        "  Retries: v2 failed {v2_failed:.0} requests (503), v1 {v1_failed:.0}; the customer sidecar retried {retries:.0}, so the customer app saw {http_failed} failures"
+    );
     println!("  Who talked to whom (mTLS identities, from the servers' sidecars):");
-    for (svc, sc) in [("payment", &payment), ("echo", &echo)] {
+    for (svc, sc) in [
+        ("payment v1", &payment1),
+        ("payment v2", &payment2),
+        ("echo", &echo),
+    ] {
         let samples = parse_text(&sc.metrics().encode());
         for (peer, n, what) in talkers(&samples) {
-            println!("    {peer} -> {svc} ({n} {what})");
+            println!("    {peer} -> {svc} ({n:.0} {what})");
         }
     }
-    println!("  Admin endpoints (try /metrics, /config, /certs):");
+    println!("  Admin endpoints (try /metrics, /config, /certs, /clusters):");
     for (name, sc) in sidecars {
-        println!("    {name:<9} http://{}/", sc.admin_addr);
+        println!("    {name:<10} http://{}/", sc.admin_addr);
     }
     ca_task.abort();
     let success = total > 0 && http_failed == 0 && tcp_ok > 0 && tcp_failed == 0;
@@ -244,6 +284,29 @@ async fn run_in(dir: &std::path::Path, duration: Option<Duration>) -> anyhow::Re
         println!("Some traffic failed (see above); run with RUST_LOG=debug for details.");
     }
     Ok(success)
+}
+
+/// The canary fails one request in this many, with a 503.
+const CANARY_FAILS_ONE_IN: u64 = 20;
+
+/// The demo's mesh file: endpoints, a 90/10 canary split for payment with
+/// retries of its failures, and the echo TCP service.
+fn mesh_file(v1: SocketAddr, v2: SocketAddr, echo: SocketAddr) -> String {
+    format!(
+        r#"trust_domain = "{TRUST_DOMAIN}"
+[services.payment]
+endpoints = [{{ addr = "{v1}", labels = {{ version = "v1" }} }}, {{ addr = "{v2}", labels = {{ version = "v2" }} }}]
+[services.echo]
+protocol = "tcp"
+endpoints = ["{echo}"]
+[[services.payment.routes]]
+name = "canary"
+backends = [{{ subset = {{ version = "v1" }}, weight = 90 }}, {{ subset = {{ version = "v2" }}, weight = 10 }}]
+timeout = "2s"
+# Charges carry an order id, so payment may see one twice: POSTs are retried.
+retries = {{ attempts = 2, on = ["gateway-error"], non_idempotent = true }}
+"#
+    )
 }
 
 /// (peer identity, count, unit) from a server sidecar's inbound metrics.
@@ -322,32 +385,48 @@ async fn echo_once(addr: SocketAddr, n: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn start_payment_app() -> anyhow::Result<SocketAddr> {
+/// The payment app, `version` in its answers; with `fail_one_in`, every
+/// n-th request gets a 503 (a flaky canary, deterministically: a retry that
+/// follows a failure is never itself the next n-th).
+async fn start_payment_app(
+    version: &'static str,
+    fail_one_in: Option<u64>,
+) -> anyhow::Result<SocketAddr> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
+    let count = Arc::new(AtomicU64::new(0));
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
+            let count = count.clone();
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(
-                    |req: http::Request<hyper::body::Incoming>| async move {
-                        let caller = req
-                            .headers()
-                            .get(crate::headers::PEER_ID)
-                            .and_then(|v| v.to_str().ok())
-                            .unwrap_or("unknown")
-                            .to_string();
-                        let body = req
-                            .into_body()
-                            .collect()
-                            .await
-                            .map(|b| b.to_bytes().len())
-                            .unwrap_or(0);
-                        let reply = format!(
-                            "{{\"status\":\"charged\",\"caller\":\"{caller}\",\"bytes\":{body}}}"
+                    move |req: http::Request<hyper::body::Incoming>| {
+                        let n = count.fetch_add(1, Ordering::Relaxed) + 1;
+                        async move {
+                            let caller = req
+                                .headers()
+                                .get(crate::headers::PEER_ID)
+                                .and_then(|v| v.to_str().ok())
+                                .unwrap_or("unknown")
+                                .to_string();
+                            let body = req
+                                .into_body()
+                                .collect()
+                                .await
+                                .map(|b| b.to_bytes().len())
+                                .unwrap_or(0);
+                            if fail_one_in.is_some_and(|k| n % k == 0) {
+                                let mut resp = http::Response::new(Full::new(Bytes::from_static(
+                                    b"{\"status\":\"unavailable\"}",
+                                )));
+                                *resp.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+                                return Ok::<_, std::convert::Infallible>(resp);
+                            }
+                            let reply = format!(
+                            "{{\"status\":\"charged\",\"version\":\"{version}\",\"caller\":\"{caller}\",\"bytes\":{body}}}"
                         );
-                        Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
-                            Bytes::from(reply),
-                        )))
+                            Ok(http::Response::new(Full::new(Bytes::from(reply))))
+                        }
                     },
                 );
                 let _ = hyper::server::conn::http1::Builder::new()

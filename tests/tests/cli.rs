@@ -142,6 +142,20 @@ async fn demo_runs_and_all_traffic_succeeds() {
             stdout.contains("All traffic succeeded"),
             "stdout:\n{stdout}"
         );
+        // The canary fails 1 in 20; the route's retries hide every failure.
+        let retries_line = stdout
+            .lines()
+            .find(|l| l.trim_start().starts_with("Retries:"))
+            .unwrap_or_else(|| panic!("no Retries line:\n{stdout}"));
+        let retried: u64 = retries_line
+            .split("retried ")
+            .nth(1)
+            .and_then(|r| r.split(',').next())
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no retry count in {retries_line:?}"));
+        assert!(retried > 0, "{retries_line}");
+        assert!(retries_line.ends_with("saw 0 failures"), "{retries_line}");
+        assert!(stdout.contains("Canary split: payment v1 answered"), "{stdout}");
     })
     .await
     .expect("test timed out");
