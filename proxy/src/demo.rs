@@ -415,7 +415,7 @@ async fn start_payment_app(
                                 .await
                                 .map(|b| b.to_bytes().len())
                                 .unwrap_or(0);
-                            if fail_one_in.is_some_and(|k| n % k == 0) {
+                            if fail_one_in.is_some_and(|k| n.is_multiple_of(k)) {
                                 let mut resp = http::Response::new(Full::new(Bytes::from_static(
                                     b"{\"status\":\"unavailable\"}",
                                 )));
