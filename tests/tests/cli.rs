@@ -155,7 +155,10 @@ async fn demo_runs_and_all_traffic_succeeds() {
             .unwrap_or_else(|| panic!("no retry count in {retries_line:?}"));
         assert!(retried > 0, "{retries_line}");
         assert!(retries_line.ends_with("saw 0 failures"), "{retries_line}");
-        assert!(stdout.contains("Canary split: payment v1 answered"), "{stdout}");
+        assert!(
+            stdout.contains("Canary split: payment v1 answered"),
+            "{stdout}"
+        );
     })
     .await
     .expect("test timed out");

@@ -316,6 +316,19 @@ impl Tries<'_> {
                 ),
             )
             .await;
+            // The peer answers 504 itself once the deadline we told it has
+            // passed. Its clock never runs out before ours (`send` rounds
+            // the header up), so that answer can only arrive after our own
+            // deadline, racing our timer: it is our timeout, not a status.
+            let result = match result {
+                Some(Ok(sent))
+                    if is_peer_deadline(&sent.head)
+                        && try_deadline.is_some_and(|d| Instant::now() >= d) =>
+                {
+                    None
+                }
+                r => r,
+            };
             let elapsed = now.elapsed();
             let (failure, last) = match result {
                 Some(Ok(sent)) => {
@@ -329,6 +342,10 @@ impl Tries<'_> {
                 }
                 Some(Err(TryError::Answer(resp))) => return (resp, String::new()),
                 Some(Err(TryError::Failed(f, msg))) => {
+                    // A failed try cost the caller this long too; without it
+                    // an endpoint that never answers keeps its initial
+                    // estimate, which decays toward zero, and P2C prefers it.
+                    ep.observe_latency(elapsed, Instant::now());
                     let (r, status) = match f {
                         Failure::ConnectFailure => (
                             AttemptResult::ConnectFailure,
@@ -440,6 +457,12 @@ impl Tries<'_> {
     }
 }
 
+/// A 504 the peer sidecar made itself: the deadline we sent it passed
+/// before its app answered.
+fn is_peer_deadline(head: &Response<()>) -> bool {
+    head.status() == StatusCode::GATEWAY_TIMEOUT && head.headers().contains_key(headers::ERROR)
+}
+
 /// The last try's outcome, returned when no retry follows.
 enum Last {
     Response(Box<Sent>),
@@ -536,10 +559,12 @@ pub(super) async fn send(
     *req.uri_mut() = uri;
     *req.headers_mut() = parts.headers.clone();
     if let Some(d) = deadline {
-        // At least 1 ms: 0 would read as "already late" on the peer.
+        // Rounded up, so the peer's deadline never passes before ours (see
+        // `is_peer_deadline`); at least 1 ms: 0 would read as "already late".
         let ms = d
             .saturating_duration_since(Instant::now())
-            .as_millis()
+            .as_nanos()
+            .div_ceil(1_000_000)
             .max(1);
         req.headers_mut()
             .insert(headers::DEADLINE_MS, http::HeaderValue::from(ms as u64));
