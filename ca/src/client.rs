@@ -1,20 +1,22 @@
-//! What a sidecar uses to get a certificate: generate a P-256 key locally,
-//! send a CSR with a join token to `weft-ca serve`, and return the leaf with
-//! the key (the key never leaves this process).
+//! What a sidecar uses to get and renew its certificate: generate a P-256
+//! key locally, send a CSR to `weft-ca serve`, and return the leaf with the
+//! key (the key never leaves this process).
+//!
+//! The first certificate is bought with a bearer credential (a join token,
+//! or a Kubernetes service-account token: [`request_certificate`]); later
+//! ones with the current certificate, presented as the TLS client
+//! certificate ([`renew_certificate`]), so no long-lived token is needed.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use http::{header, Method, Request, StatusCode, Uri};
-use http_body_util::{BodyExt, Full, Limited};
-use hyper_util::rt::TokioIo;
+use http::{header, StatusCode};
 use rcgen::{CertificateParams, DistinguishedName, KeyPair, PKCS_ECDSA_P256_SHA256};
-use rustls::RootCertStore;
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, ServerName};
-use tokio_rustls::TlsConnector;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
+use crate::https::{self, PostError, Target};
 use crate::server::{CertificateResponse, ErrorResponse, CERTIFICATE_PATH};
 use crate::{CaError, IssuedCert};
 
@@ -24,49 +26,88 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bound on the response we are willing to buffer.
 const MAX_RESPONSE_BYTES: usize = 1024 * 1024;
 
-/// Generate a P-256 key locally, build a CSR, POST it to the CA with the
-/// token; the key never leaves. `ca_url` like "https://127.0.0.1:8443";
+/// Get a certificate with a bearer credential: a join token from
+/// `weft-ca token`, or a Kubernetes projected service-account token (the CA
+/// runs with `--kubernetes`). `ca_url` like "https://127.0.0.1:8443";
 /// `ca_bundle_pem` verifies the CA's serving certificate.
 pub async fn request_certificate(
     ca_url: &str,
     ca_bundle_pem: &str,
     token: &str,
 ) -> Result<IssuedCert, CaError> {
-    tokio::time::timeout(REQUEST_TIMEOUT, request(ca_url, ca_bundle_pem, token))
+    let auth = Auth::Bearer(token.trim());
+    tokio::time::timeout(REQUEST_TIMEOUT, request(ca_url, ca_bundle_pem, auth))
         .await
         .map_err(|_| CaError::Timeout(REQUEST_TIMEOUT))?
 }
 
-/// Aborts the spawned connection driver when the request is done or dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
+/// Renew: present the current certificate (`cert_chain_pem`, leaf first,
+/// with its `key_pem`) as the TLS client certificate and get a new one for
+/// the same SPIFFE ID, with a new key generated here. Pass the bundle from
+/// the last [`IssuedCert`], so roots added for a rotation are trusted.
+/// Refused (401) once the certificate has expired: then a bearer
+/// credential is needed again.
+pub async fn renew_certificate(
+    ca_url: &str,
+    ca_bundle_pem: &str,
+    cert_chain_pem: &str,
+    key_pem: &str,
+) -> Result<IssuedCert, CaError> {
+    let chain = CertificateDer::pem_slice_iter(cert_chain_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| CaError::BadCredentials(format!("the certificate is not PEM: {e}")))?;
+    if chain.is_empty() {
+        return Err(CaError::BadCredentials(
+            "no certificate in cert_chain_pem".to_string(),
+        ));
     }
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+        .map_err(|e| CaError::BadCredentials(format!("the key is not PEM: {e}")))?;
+    let auth = Auth::Certificate { chain, key };
+    tokio::time::timeout(REQUEST_TIMEOUT, request(ca_url, ca_bundle_pem, auth))
+        .await
+        .map_err(|_| CaError::Timeout(REQUEST_TIMEOUT))?
 }
 
-async fn request(ca_url: &str, ca_bundle_pem: &str, token: &str) -> Result<IssuedCert, CaError> {
-    let bad_url = |reason: &str| CaError::BadUrl {
-        url: ca_url.to_string(),
-        reason: reason.to_string(),
-    };
-    let uri: Uri = ca_url.parse().map_err(|e| bad_url(&format!("{e}")))?;
-    if uri.scheme_str() != Some("https") {
-        return Err(bad_url("the CA is only reachable over https://"));
-    }
-    let host = uri.host().ok_or_else(|| bad_url("no host"))?;
-    let host = host
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_string();
-    let port = uri.port_u16().unwrap_or(443);
-    let server_name =
-        ServerName::try_from(host.clone()).map_err(|e| bad_url(&format!("bad host: {e}")))?;
-    let base = uri.path().trim_end_matches('/');
-    let path = format!("{base}{CERTIFICATE_PATH}");
+/// How the request authenticates.
+enum Auth<'a> {
+    Bearer(&'a str),
+    Certificate {
+        chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+    },
+}
 
-    let connector = TlsConnector::from(Arc::new(client_config(ca_bundle_pem)?));
+async fn request(ca_url: &str, ca_bundle_pem: &str, auth: Auth<'_>) -> Result<IssuedCert, CaError> {
+    let target = Target::parse(ca_url).map_err(|reason| CaError::BadUrl {
+        url: ca_url.to_string(),
+        reason,
+    })?;
+    let roots = https::roots_from_pem(ca_bundle_pem).map_err(|e| {
+        CaError::BadBundle(format!(
+            "{e}; pass the CA's bundle.pem / ca.pem or the bundle of your last certificate"
+        ))
+    })?;
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| CaError::Tls(e.to_string()))?
+        .with_root_certificates(roots);
+    let mut headers = vec![(header::CONTENT_TYPE, "application/pkcs10".to_string())];
+    let mut renewing = None;
+    let mut config = match auth {
+        Auth::Bearer(token) => {
+            headers.push((header::AUTHORIZATION, format!("Bearer {token}")));
+            builder.with_no_client_auth()
+        }
+        Auth::Certificate { chain, key } => {
+            renewing = Some(uri_sans(&chain[0]));
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| CaError::BadCredentials(e.to_string()))?
+        }
+    };
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
 
     // The key and CSR: only the public half goes out.
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
@@ -74,48 +115,22 @@ async fn request(ca_url: &str, ca_bundle_pem: &str, token: &str) -> Result<Issue
     params.distinguished_name = DistinguishedName::new();
     let csr_pem = params.serialize_request(&key)?.pem()?;
 
-    let connect_err = |reason: String| CaError::Connect {
-        url: ca_url.to_string(),
-        reason,
-    };
-    let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
-        .await
-        .map_err(|e| connect_err(e.to_string()))?;
-    let tls = connector
-        .connect(server_name, tcp)
-        .await
-        .map_err(|e| connect_err(format!("TLS handshake failed: {e}")))?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-        .await
-        .map_err(|e| connect_err(e.to_string()))?;
-    let _driver = AbortOnDrop(tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::debug!(error = %e, "CA connection ended with an error");
-        }
-    }));
-
-    let authority = uri
-        .authority()
-        .map(|a| a.as_str().to_string())
-        .unwrap_or_else(|| host.clone());
-    let req = Request::builder()
-        .method(Method::POST)
-        .uri(path)
-        .header(header::HOST, authority)
-        .header(header::AUTHORIZATION, format!("Bearer {}", token.trim()))
-        .header(header::CONTENT_TYPE, "application/pkcs10")
-        .body(Full::new(Bytes::from(csr_pem)))
-        .map_err(|e| CaError::Internal(format!("could not build the request: {e}")))?;
-    let resp = sender
-        .send_request(req)
-        .await
-        .map_err(|e| connect_err(format!("request failed: {e}")))?;
-    let status = resp.status();
-    let body = Limited::new(resp.into_body(), MAX_RESPONSE_BYTES)
-        .collect()
-        .await
-        .map_err(|e| CaError::BadResponse(format!("could not read the body: {e}")))?
-        .to_bytes();
+    let (status, body) = https::post(
+        &target,
+        Arc::new(config),
+        CERTIFICATE_PATH,
+        &headers,
+        Bytes::from(csr_pem),
+        MAX_RESPONSE_BYTES,
+    )
+    .await
+    .map_err(|e| match e {
+        PostError::Connect(reason) => CaError::Connect {
+            url: ca_url.to_string(),
+            reason,
+        },
+        PostError::Body(reason) => CaError::BadResponse(reason),
+    })?;
 
     if status != StatusCode::OK {
         let message = serde_json::from_slice::<ErrorResponse>(&body)
@@ -128,7 +143,15 @@ async fn request(ca_url: &str, ca_bundle_pem: &str, token: &str) -> Result<Issue
     }
     let answer: CertificateResponse = serde_json::from_slice(&body)
         .map_err(|e| CaError::BadResponse(format!("not the expected JSON: {e}")))?;
-    check_leaf_key(&answer.cert_chain_pem, &key)?;
+    let leaf = check_leaf_key(&answer.cert_chain_pem, &key)?;
+    if let Some(before) = renewing {
+        let after = uri_sans(&leaf);
+        if after != before {
+            return Err(CaError::BadResponse(format!(
+                "renewing {before:?} returned a certificate for {after:?}"
+            )));
+        }
+    }
     Ok(IssuedCert {
         cert_chain_pem: answer.cert_chain_pem,
         key_pem: key.serialize_pem(),
@@ -140,32 +163,8 @@ async fn request(ca_url: &str, ca_bundle_pem: &str, token: &str) -> Result<Issue
     })
 }
 
-/// TLS 1.3 client trusting only the roots of `bundle_pem`.
-fn client_config(bundle_pem: &str) -> Result<rustls::ClientConfig, CaError> {
-    let mut roots = RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(bundle_pem.as_bytes()) {
-        let cert = cert.map_err(|e| CaError::BadBundle(e.to_string()))?;
-        roots
-            .add(cert)
-            .map_err(|e| CaError::BadBundle(e.to_string()))?;
-    }
-    if roots.is_empty() {
-        return Err(CaError::BadBundle(
-            "no certificate in it; pass the CA's bundle.pem / ca.pem".to_string(),
-        ));
-    }
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| CaError::Tls(e.to_string()))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(config)
-}
-
-/// The CA must have certified our key, not some other one.
-fn check_leaf_key(cert_pem: &str, key: &KeyPair) -> Result<(), CaError> {
+/// The CA must have certified our key, not some other one. Returns the leaf.
+fn check_leaf_key(cert_pem: &str, key: &KeyPair) -> Result<CertificateDer<'static>, CaError> {
     let der = CertificateDer::from_pem_slice(cert_pem.as_bytes())
         .map_err(|e| CaError::BadResponse(format!("the certificate is not PEM: {e}")))?;
     let (_, cert) = x509_parser::parse_x509_certificate(&der)
@@ -175,5 +174,24 @@ fn check_leaf_key(cert_pem: &str, key: &KeyPair) -> Result<(), CaError> {
             "the certificate does not carry our public key".to_string(),
         ));
     }
-    Ok(())
+    Ok(der)
+}
+
+/// The URI SANs of a certificate (empty if it does not parse).
+fn uri_sans(cert: &CertificateDer<'_>) -> Vec<String> {
+    use x509_parser::extensions::GeneralName;
+    let Ok((_, parsed)) = x509_parser::parse_x509_certificate(cert) else {
+        return Vec::new();
+    };
+    let Ok(Some(san)) = parsed.subject_alternative_name() else {
+        return Vec::new();
+    };
+    san.value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            GeneralName::URI(u) => Some(u.to_string()),
+            _ => None,
+        })
+        .collect()
 }

@@ -46,6 +46,33 @@ pub enum CaError {
     ExpiredToken { at: String },
     #[error("missing `authorization: Bearer <token>` header; mint a token with `weft-ca token`")]
     MissingToken,
+    #[error("no credential: send `authorization: Bearer <join token or Kubernetes service-account token>`, or renew by presenting your current certificate as the TLS client certificate")]
+    MissingCredential,
+    #[error("this single-use join token has already been redeemed; mint a new one with `weft-ca token --single-use`")]
+    TokenAlreadyUsed,
+    #[error("the client certificate cannot be used to renew: {0}; get a new certificate with a join token or service-account token")]
+    BadClientCert(String),
+    #[error("your current certificate or key cannot be presented: {0}; pass the cert_chain_pem and key_pem of your last IssuedCert")]
+    BadCredentials(String),
+    #[error("too many requests for {credential}; retry in {retry_after_secs} s")]
+    RateLimited {
+        credential: String,
+        retry_after_secs: u64,
+    },
+    #[error("the Kubernetes service-account token was not accepted: {0}")]
+    KubernetesUnauthenticated(String),
+    #[error("{0}")]
+    KubernetesForbidden(String),
+    #[error("cannot check the service-account token with the Kubernetes API server: {0}; the request can be retried")]
+    KubernetesUnavailable(String),
+    #[error("{path} may be read by group or others (mode {mode:o}); run `chmod 600 {path}` (in Kubernetes, mount the Secret with defaultMode: 0400)", path = .path.display())]
+    InsecureFile { path: PathBuf, mode: u32 },
+    #[error("invalid trust bundle change: {0}")]
+    Trust(String),
+    #[error("invalid serving certificate name {name:?}: {reason}; pass a DNS name (weft-ca.weft-system.svc) or an IP address")]
+    InvalidSan { name: String, reason: String },
+    #[error("invalid option: {0}")]
+    InvalidOption(String),
     #[error("certificate generation failed: {0}")]
     Certificate(#[from] rcgen::Error),
     #[error("invalid CA URL {url:?}: {reason}")]
@@ -92,8 +119,14 @@ impl CaError {
             | CaError::ForgedToken
             | CaError::ExpiredToken { .. }
             | CaError::MissingToken
+            | CaError::MissingCredential
+            | CaError::TokenAlreadyUsed
+            | CaError::BadClientCert(_)
+            | CaError::KubernetesUnauthenticated(_)
             | CaError::InvalidSpiffeId { .. } => 401,
-            CaError::ForeignIdentity { .. } => 403,
+            CaError::ForeignIdentity { .. } | CaError::KubernetesForbidden(_) => 403,
+            CaError::RateLimited { .. } => 429,
+            CaError::KubernetesUnavailable(_) => 503,
             CaError::Rejected { status, .. } => *status,
             _ => 500,
         }

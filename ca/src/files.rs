@@ -79,3 +79,41 @@ pub(crate) fn missing_or_io(dir: &Path, name: &'static str, e: std::io::Error) -
         CaError::io("read", &dir.join(name), e)
     }
 }
+
+/// Refuse a secret file that group or others may read: a CA key readable
+/// by other users is a compromised CA.
+pub(crate) fn check_private(path: &Path) -> Result<(), CaError> {
+    let meta = std::fs::metadata(path).map_err(|e| CaError::io("inspect", path, e))?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(CaError::InsecureFile {
+            path: path.to_path_buf(),
+            mode,
+        });
+    }
+    Ok(())
+}
+
+/// What tells us a file changed without reading it: modification time,
+/// length and inode (an atomic replace changes the inode even within one
+/// mtime tick).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct FileStamp {
+    modified: Option<std::time::SystemTime>,
+    len: u64,
+    inode: u64,
+}
+
+/// The stamp of `path`, or `None` when it does not exist.
+pub(crate) fn stamp(path: &Path) -> Result<Option<FileStamp>, CaError> {
+    use std::os::unix::fs::MetadataExt;
+    match std::fs::metadata(path) {
+        Ok(meta) => Ok(Some(FileStamp {
+            modified: meta.modified().ok(),
+            len: meta.len(),
+            inode: meta.ino(),
+        })),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(CaError::io("inspect", path, e)),
+    }
+}

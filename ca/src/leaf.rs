@@ -25,7 +25,8 @@ const CLOCK_SKEW: time::Duration = time::Duration::minutes(5);
 /// A certificate issued by the CA, with everything a workload needs.
 #[derive(Clone)]
 pub struct IssuedCert {
-    /// The leaf certificate, PEM (a chain of one: the bundle holds the root).
+    /// The leaf certificate, PEM, followed by the intermediate when the CA
+    /// is one (present this whole chain; the bundle holds only roots).
     pub cert_chain_pem: String,
     /// The leaf's private key, PEM (PKCS#8); empty when signed from a CSR.
     pub key_pem: String,
@@ -92,11 +93,11 @@ impl Ca {
             .and_then(|ttl| now.checked_add(ttl))
             .and_then(|t| t.replace_nanosecond(0).ok())
             .ok_or_else(|| CaError::InvalidTtl(format!("{ttl:?} is too long")))?;
-        if not_after > self.root_not_after {
+        if not_after > self.not_after {
             return Err(CaError::InvalidTtl(format!(
-                "a leaf valid for {} would outlive the root (valid until {}); use a shorter TTL",
+                "a leaf valid for {} would outlive the CA certificate (valid until {}); use a shorter TTL",
                 humantime::format_duration(ttl),
-                self.root_not_after
+                self.not_after
             )));
         }
         let (serial, serial_hex) = random_serial()?;
@@ -121,11 +122,15 @@ impl Ca {
         params.not_after = not_after;
         params.use_authority_key_identifier_extension = true;
         let cert = params.signed_by(public_key, &self.issuer)?;
+        let mut chain = cert.pem();
+        for cert in &self.chain_tail {
+            chain.push_str(&der_to_pem(cert));
+        }
 
         Ok(IssuedCert {
-            cert_chain_pem: cert.pem(),
+            cert_chain_pem: chain,
             key_pem: String::new(),
-            bundle_pem: self.bundle_pem.clone(),
+            bundle_pem: self.bundle_pem(),
             not_after: SystemTime::from(not_after),
             serial_hex,
         })

@@ -383,3 +383,182 @@ fn a_token_for_another_trust_domain_maps_to_403() {
     assert_eq!(CaError::ForgedToken.http_status(), 401);
     assert_eq!(CaError::BadCsr(String::new()).http_status(), 400);
 }
+
+#[test]
+fn single_use_tokens_are_redeemed_once_and_remembered() {
+    let (tmp, ca) = new_ca();
+    let dir = tmp.path().join("ca");
+    let ttl = Duration::from_secs(300);
+    let once = ca.token_with(ID, ttl, true).unwrap();
+    assert_eq!(
+        ca.verify_token(&once).unwrap().as_str(),
+        ID,
+        "verify redeems nothing"
+    );
+    assert_eq!(ca.verify_token(&once).unwrap().as_str(), ID);
+    assert_eq!(ca.redeem_token(&once).unwrap().as_str(), ID);
+    for err in [ca.redeem_token(&once), ca.verify_token(&once)] {
+        let err = err.unwrap_err();
+        assert!(matches!(err, CaError::TokenAlreadyUsed), "{err}");
+        assert_eq!(err.http_status(), 401);
+    }
+    // A restart remembers.
+    let reloaded = Ca::load(&dir).unwrap();
+    assert!(matches!(
+        reloaded.redeem_token(&once),
+        Err(CaError::TokenAlreadyUsed)
+    ));
+    // Another single-use token is unaffected; multi-use tokens never run out.
+    let other = ca.token_with(ID, ttl, true).unwrap();
+    reloaded.redeem_token(&other).unwrap();
+    let multi = ca.token(ID, ttl).unwrap();
+    for _ in 0..3 {
+        reloaded.redeem_token(&multi).unwrap();
+    }
+    // Multi-use tokens keep their old format (no "single" claim).
+    let claims = multi.split('.').nth(1).unwrap();
+    let claims = String::from_utf8(URL_SAFE_NO_PAD.decode(claims).unwrap()).unwrap();
+    assert!(!claims.contains("single"), "{claims}");
+}
+
+#[test]
+fn redeemed_tokens_are_forgotten_once_expired() {
+    let (tmp, ca) = new_ca();
+    let dir = tmp.path().join("ca");
+    let t0 = SystemTime::now() - Duration::from_secs(3600);
+    let token = ca
+        .token_with_at(ID, Duration::from_secs(1800), true, t0)
+        .unwrap();
+    ca.redeem_token_at(&token, t0 + Duration::from_secs(1))
+        .unwrap();
+    assert_eq!(ca.used_tokens().len(), 1);
+    // Loaded now, the token has expired: its entry is dropped, and the
+    // token is refused for expiry instead.
+    let reloaded = Ca::load(&dir).unwrap();
+    assert_eq!(reloaded.used_tokens().len(), 0);
+    assert!(matches!(
+        reloaded.redeem_token(&token),
+        Err(CaError::ExpiredToken { .. })
+    ));
+}
+
+#[test]
+fn secret_files_readable_by_others_are_refused() {
+    let (tmp, _ca) = new_ca();
+    let dir = tmp.path().join("ca");
+    for name in [CA_KEY_FILE, TOKEN_KEY_FILE] {
+        let path = dir.join(name);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let err = Ca::load(&dir).unwrap_err();
+        assert!(matches!(err, CaError::InsecureFile { .. }), "{err}");
+        assert!(err.to_string().contains("chmod 600"), "{err}");
+        assert!(err.to_string().contains(name), "{err}");
+        // Read-only for the owner is fine (a Kubernetes Secret, mode 0400).
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o400)).unwrap();
+        Ca::load(&dir).unwrap();
+    }
+    // The key is never in the Debug output.
+    let key = std::fs::read_to_string(dir.join(CA_KEY_FILE)).unwrap();
+    let debug = format!("{:?}", Ca::load(&dir).unwrap());
+    assert!(!debug.contains(key.lines().nth(1).unwrap()), "{debug}");
+}
+
+#[test]
+fn renewal_chains_are_checked_at_the_given_time() {
+    let (_tmp, ca) = new_ca();
+    let provider = rustls::crypto::aws_lc_rs::default_provider();
+    let issued = ca.issue(ID, Duration::from_secs(3600)).unwrap();
+    let chain: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_slice_iter(issued.cert_chain_pem.as_bytes())
+            .collect::<Result<_, _>>()
+            .unwrap();
+    let roots = ca.bundle().roots.clone();
+    let at = |offset: i64| {
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        rustls_pki_types::UnixTime::since_unix_epoch(Duration::from_secs((now + offset) as u64))
+    };
+    let check = |offset| peer::verify_renewal_chain(&provider, &chain, &roots, TD, at(offset));
+    assert_eq!(check(0).unwrap().as_str(), ID);
+    assert_eq!(check(3500).unwrap().as_str(), ID);
+    let err = check(3700).unwrap_err();
+    assert!(err.to_string().contains("expired at"), "{err}");
+    // Backdated five minutes for clock skew, not more.
+    check(-200).unwrap();
+    let err = check(-400).unwrap_err();
+    assert!(err.to_string().contains("not valid before"), "{err}");
+    assert_eq!(err.http_status(), 401);
+    let err =
+        peer::verify_renewal_chain(&provider, &chain, &roots, "other.org", at(0)).unwrap_err();
+    assert!(err.to_string().contains("other.org"), "{err}");
+    assert!(peer::verify_renewal_chain(&provider, &[], &roots, TD, at(0)).is_err());
+}
+
+#[test]
+fn refresh_bundle_applies_each_change_once() {
+    let (tmp, ca) = new_ca();
+    let dir = tmp.path().join("ca");
+    let own = ca.bundle_pem();
+    assert!(!ca.refresh_bundle().unwrap(), "nothing changed");
+    let other = Ca::init(&tmp.path().join("other"), TD).unwrap();
+    std::fs::write(
+        dir.join(BUNDLE_FILE),
+        format!("{own}{}", other.bundle_pem()),
+    )
+    .unwrap();
+    assert!(ca.refresh_bundle().unwrap());
+    assert!(!ca.refresh_bundle().unwrap());
+    assert_eq!(ca.bundle_certs().len(), 2);
+    // A root CA without bundle.pem trusts its own root alone.
+    std::fs::remove_file(dir.join(BUNDLE_FILE)).unwrap();
+    assert!(ca.refresh_bundle().unwrap());
+    assert_eq!(ca.bundle_pem(), own);
+    // A bundle without our root is refused, once; the last good one stays.
+    std::fs::write(dir.join(BUNDLE_FILE), other.bundle_pem()).unwrap();
+    let err = ca.refresh_bundle().unwrap_err();
+    assert!(err.to_string().contains("weft-ca trust add"), "{err}");
+    assert!(
+        !ca.refresh_bundle().unwrap(),
+        "the same bad file is not retried"
+    );
+    assert_eq!(ca.bundle_pem(), own);
+}
+
+#[test]
+fn an_intermediate_needs_its_root_in_the_bundle() {
+    let (tmp, root) = new_ca();
+    let dir = tmp.path().join("intermediate");
+    let inter = root
+        .create_intermediate(&dir, Duration::from_secs(86400))
+        .unwrap();
+    assert_eq!(inter.kind(), CaKind::Intermediate);
+    // Leaves are sent with the intermediate and not past its expiry.
+    let issued = inter.issue(ID, Duration::from_secs(3600)).unwrap();
+    let chain: Vec<_> = CertificateDer::pem_slice_iter(issued.cert_chain_pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(chain.len(), 2);
+    assert_spiffe_leaf(
+        &issued.cert_chain_pem,
+        &std::fs::read_to_string(dir.join(CA_CERT_FILE)).unwrap(),
+        ID,
+    );
+    assert!(matches!(
+        inter.issue(ID, Duration::from_secs(2 * 86400)),
+        Err(CaError::InvalidTtl(_))
+    ));
+    assert!(matches!(
+        root.create_intermediate(&dir, Duration::from_secs(60)),
+        Err(CaError::AlreadyExists(_))
+    ));
+
+    let other = Ca::init(&tmp.path().join("other"), TD).unwrap();
+    std::fs::write(dir.join(BUNDLE_FILE), other.bundle_pem()).unwrap();
+    let err = Ca::load(&dir).unwrap_err();
+    assert!(err.to_string().contains("signed the intermediate"), "{err}");
+    std::fs::remove_file(dir.join(BUNDLE_FILE)).unwrap();
+    let err = Ca::load(&dir).unwrap_err();
+    assert!(err.to_string().contains("bundle.pem"), "{err}");
+}

@@ -1,9 +1,10 @@
 //! Join tokens: stateless credentials bound to one SPIFFE ID, HMAC-SHA256
 //! signed with the CA's `token.key`.
 //!
-//! Format: `weft1.<base64url(json {sub, exp, nonce})>.<base64url(hmac)>`, the
-//! MAC covering everything before the last dot. Pure code, no I/O: the
-//! clock is a parameter so expiry is testable.
+//! Format: `weft1.<base64url(json {sub, exp, nonce[, single]})>.<base64url(hmac)>`,
+//! the MAC covering everything before the last dot. Pure code, no I/O: the
+//! clock is a parameter so expiry is testable. Whether a single-use token
+//! was already redeemed is state, kept by [`crate::used`].
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -28,8 +29,22 @@ struct Claims {
     sub: String,
     /// Expiry, seconds since the Unix epoch.
     exp: u64,
-    /// Random, so two tokens for the same ID and second differ.
+    /// Random, so two tokens for the same ID and second differ; also the
+    /// token's name in the used-token list and the rate limiter.
     nonce: String,
+    /// Redeemable once. Omitted when false, so multi-use tokens keep the
+    /// format they had before single-use tokens existed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    single: bool,
+}
+
+/// What a token that verified says.
+#[derive(Debug, Clone)]
+pub(crate) struct Verified {
+    pub(crate) sub: String,
+    pub(crate) exp: u64,
+    pub(crate) nonce: String,
+    pub(crate) single_use: bool,
 }
 
 /// HMAC-SHA256 of `msg` under `key`, through rustls' aws-lc-rs provider.
@@ -60,6 +75,7 @@ pub(crate) fn mint(
     key: &[u8; KEY_LEN],
     id: &SpiffeId,
     ttl: Duration,
+    single_use: bool,
     now: SystemTime,
 ) -> Result<String, CaError> {
     if ttl.is_zero() {
@@ -76,6 +92,7 @@ pub(crate) fn mint(
         sub: id.as_str().to_string(),
         exp,
         nonce: URL_SAFE_NO_PAD.encode(nonce),
+        single: single_use,
     };
     let json = serde_json::to_vec(&claims)
         .map_err(|e| CaError::Internal(format!("could not encode token: {e}")))?;
@@ -84,9 +101,19 @@ pub(crate) fn mint(
     Ok(format!("{signed}.{}", URL_SAFE_NO_PAD.encode(mac)))
 }
 
-/// Check `token` at time `now`; return the SPIFFE ID string it is bound to
-/// (the caller checks it is a valid ID of its trust domain).
-pub(crate) fn verify(key: &[u8; KEY_LEN], token: &str, now: SystemTime) -> Result<String, CaError> {
+/// Whether `bearer` looks like a join token (rather than, say, a Kubernetes
+/// service-account JWT).
+pub(crate) fn is_join_token(bearer: &str) -> bool {
+    bearer.trim().starts_with("weft1.")
+}
+
+/// Check `token` at time `now`; return its claims (the caller checks the
+/// subject is a valid ID of its trust domain and single-use redemption).
+pub(crate) fn verify(
+    key: &[u8; KEY_LEN],
+    token: &str,
+    now: SystemTime,
+) -> Result<Verified, CaError> {
     let token = token.trim();
     if token.len() > MAX_TOKEN_LEN {
         return Err(CaError::MalformedToken(format!(
@@ -100,8 +127,9 @@ pub(crate) fn verify(key: &[u8; KEY_LEN], token: &str, now: SystemTime) -> Resul
         .split_once('.')
         .ok_or_else(|| CaError::MalformedToken("expected weft1.<claims>.<mac>".to_string()))?;
     if prefix != PREFIX {
+        // The prefix is not echoed: it may be part of some other secret.
         return Err(CaError::MalformedToken(format!(
-            "unknown token version {prefix:?} (expected {PREFIX:?})"
+            "it does not start with {PREFIX:?} (a Kubernetes service-account token needs `weft-ca serve --kubernetes`)"
         )));
     }
     let mac = URL_SAFE_NO_PAD
@@ -124,5 +152,10 @@ pub(crate) fn verify(key: &[u8; KEY_LEN], token: &str, now: SystemTime) -> Resul
             .unwrap_or_else(|| format!("Unix time {}", claims.exp));
         return Err(CaError::ExpiredToken { at });
     }
-    Ok(claims.sub)
+    Ok(Verified {
+        sub: claims.sub,
+        exp: claims.exp,
+        nonce: claims.nonce,
+        single_use: claims.single,
+    })
 }
