@@ -194,7 +194,7 @@ pub struct Fleet {
     pub dir: tempfile::TempDir,
     pub mesh_path: PathBuf,
     /// Services and their endpoints, the part of the mesh file tests do not write.
-    base: String,
+    services: String,
 }
 
 impl Fleet {
@@ -246,7 +246,7 @@ impl Fleet {
                 sidecar: sc,
             });
         }
-        let mut base = format!("trust_domain = \"{TD}\"\n");
+        let mut services = String::new();
         for name in &names {
             let mut eps: Vec<String> = servers
                 .iter()
@@ -267,18 +267,22 @@ impl Fleet {
             if let Some((_, extra)) = extra_services.iter().find(|(n, _)| n == name) {
                 eps.push(extra.to_string());
             }
-            base.push_str(&format!(
+            services.push_str(&format!(
                 "[services.{name}]\nendpoints = [{}]\n",
                 eps.join(", ")
             ));
         }
         let dir = tempfile::tempdir().expect("tempdir");
         let mesh_path = dir.path().join("mesh.toml");
-        let text = format!("{base}{policy}");
+        let text = compose("", &services, policy);
         std::fs::write(&mesh_path, &text).expect("write mesh");
         let mesh = Mesh::parse(&text, "mesh.toml").unwrap_or_else(|e| panic!("{e}\n{text}"));
-        for s in &servers {
+        // Servers read the same file: server-side policy (authorization,
+        // TCP idle timeouts) changes with it too.
+        for s in &mut servers {
             s.sidecar.set_mesh(mesh.clone());
+            s.sidecar
+                .watch_mesh_file(mesh_path.clone(), RELOAD_INTERVAL);
         }
         let mut client =
             sidecar(&mesh, ca.creds("customer"), None, &names, Limits::default()).await;
@@ -289,7 +293,7 @@ impl Fleet {
             servers,
             dir,
             mesh_path,
-            base,
+            services,
         }
     }
 
@@ -306,27 +310,41 @@ impl Fleet {
             .unwrap_or_else(|| panic!("no server {name}"))
     }
 
-    /// Rewrite the mesh file with new policy TOML and wait until the client
-    /// has applied it (its `weft_config_reloads_total{result="success"}` grows).
+    /// Rewrite the mesh file with new policy TOML and wait until every
+    /// sidecar has applied it (its `weft_config_reloads_total{result="success"}` grows).
     pub async fn set_policy(&self, policy: &str) {
-        let before = self.reloads("success").await;
-        let text = format!("{}{policy}", self.base);
+        self.set_mesh_text("", policy).await
+    }
+
+    /// Like [`Fleet::set_policy`], with `top` (top-level keys such as
+    /// `default_authorization`) placed before the service tables.
+    pub async fn set_mesh_text(&self, top: &str, policy: &str) {
+        let admins: Vec<SocketAddr> = std::iter::once(self.client.admin_addr)
+            .chain(self.servers.iter().map(|s| s.sidecar.admin_addr))
+            .collect();
+        let mut before = Vec::new();
+        for a in &admins {
+            before.push(reloads_of(*a, "success").await);
+        }
+        let text = compose(top, &self.services, policy);
         Mesh::parse(&text, "mesh.toml").unwrap_or_else(|e| panic!("{e}\n{text}"));
-        std::fs::write(&self.mesh_path, text).expect("write mesh");
-        let applied = crate::wait_until(Duration::from_secs(10), || async {
-            self.reloads("success").await > before
-        })
-        .await;
-        assert!(applied, "the client did not apply the new mesh file");
+        // Write a new file and rename it over the old one, as kubelet and
+        // careful editors do: a poll never sees a half-written file.
+        let tmp = self.mesh_path.with_extension("toml.new");
+        std::fs::write(&tmp, text).expect("write mesh");
+        std::fs::rename(&tmp, &self.mesh_path).expect("replace mesh");
+        for (a, b) in admins.iter().zip(before) {
+            let applied = crate::wait_until(Duration::from_secs(10), || async {
+                reloads_of(*a, "success").await > b
+            })
+            .await;
+            assert!(applied, "sidecar {a} did not apply the new mesh file");
+        }
     }
 
     /// `weft_config_reloads_total{result}` of the client.
     pub async fn reloads(&self, result: &str) -> f64 {
-        metric_sum(
-            &scrape(self.client.admin_addr).await,
-            "weft_config_reloads_total",
-            &[("result", result)],
-        )
+        reloads_of(self.client.admin_addr, result).await
     }
 
     /// Sum of a client metric over samples with these labels.
@@ -340,6 +358,20 @@ impl Fleet {
         assert_eq!(status, 200);
         serde_json::from_str(&body).expect("clusters json")
     }
+}
+
+/// A mesh file: trust domain, top-level keys, services, then policy tables.
+fn compose(top: &str, services: &str, policy: &str) -> String {
+    format!("trust_domain = \"{TD}\"\n{top}{services}{policy}")
+}
+
+/// `weft_config_reloads_total{result}` of the sidecar with this admin address.
+async fn reloads_of(admin: SocketAddr, result: &str) -> f64 {
+    metric_sum(
+        &scrape(admin).await,
+        "weft_config_reloads_total",
+        &[("result", result)],
+    )
 }
 
 /// A keep-alive HTTP/1.1 client for one upstream listener.
@@ -423,7 +455,9 @@ impl Client {
     }
 }
 
-/// Run `n` requests with up to `concurrency` in flight; answers in order.
+/// Run `n` requests with up to `concurrency` in flight; answers in order
+/// (answer `i` is request `i`). A slow request holds up starting requests
+/// past the window; when only counts matter, [`load_unordered`] does not.
 pub async fn load<F, Fut>(n: usize, concurrency: usize, f: F) -> Vec<Result<Answer, String>>
 where
     F: Fn(usize) -> Fut,
@@ -433,6 +467,25 @@ where
     futures::stream::iter(0..n)
         .map(f)
         .buffered(concurrency.max(1))
+        .collect()
+        .await
+}
+
+/// Like [`load`], answers in completion order: one slow request (a retry's
+/// backoff) never holds up starting the next ones.
+pub async fn load_unordered<F, Fut>(
+    n: usize,
+    concurrency: usize,
+    f: F,
+) -> Vec<Result<Answer, String>>
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = Result<Answer, String>>,
+{
+    use futures::StreamExt;
+    futures::stream::iter(0..n)
+        .map(f)
+        .buffer_unordered(concurrency.max(1))
         .collect()
         .await
 }
