@@ -11,7 +11,7 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use weft_tests::fleet::{by_app, load, spec, Answer, Client, Fleet, Server};
+use weft_tests::fleet::{by_app, load, load_unordered, spec, Answer, Client, Fleet, Server};
 use weft_tests::{admin_get, metric_sum, scrape, wait_until};
 
 /// No test here should come near this; it turns a hang into a failure.
@@ -43,22 +43,6 @@ async fn endpoint(fleet: &Fleet, service: &str, server: &Server) -> serde_json::
 
 fn requests(server: &Server) -> u64 {
     server.app.seen.requests.load(Ordering::SeqCst)
-}
-
-/// Like [`load`], but answers come in completion order: `load` yields in
-/// order, so one request sitting in a long retry backoff holds back the start
-/// of new ones, and throughput collapses behind it.
-async fn load_unordered<F, Fut>(n: usize, concurrency: usize, f: F) -> Vec<Result<Answer, String>>
-where
-    F: Fn(usize) -> Fut,
-    Fut: std::future::Future<Output = Result<Answer, String>>,
-{
-    use futures::StreamExt;
-    futures::stream::iter(0..n)
-        .map(f)
-        .buffer_unordered(concurrency)
-        .collect()
-        .await
 }
 
 // ---- retries -------------------------------------------------------------------
@@ -756,6 +740,45 @@ async fn connect_failures_are_retried_on_a_live_endpoint_by_default() {
             // At worst one connect timeout, a backoff and the live answer.
             assert!(a.elapsed < Duration::from_millis(450), "{a:?}");
         }
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_endpoint_costs_one_handshake_not_one_per_request() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        // The only endpoint of `zombie` never answers. Each request gives up
+        // after the 300 ms connect timeout, but the handshake itself (the
+        // transport's 5 s limit) goes on for everyone: requests queued
+        // behind it must join it, not start their own.
+        let fleet = Fleet::start_with(
+            &[spec("payment", "live", &[])],
+            // (Last in name order, so the policy line lands in its table.)
+            &[("zombie", r#"{ addr = "127.0.0.1:9" }"#)],
+            "connect_timeout = \"300ms\"\n",
+        )
+        .await;
+        let client = Client::new(fleet.upstream("zombie"));
+        let start = Instant::now();
+        let answers = load(40, 8, |_| client.get("/", &[])).await;
+        let took = start.elapsed();
+        assert!(
+            answers
+                .iter()
+                .all(|a| a.as_ref().is_ok_and(|a| a.status == 503)),
+            "{:?}",
+            weft_tests::fleet::by_app(&answers)
+        );
+        let (h3_handshakes, _) = fleet.client.pool_handshakes();
+        assert!(
+            took < Duration::from_secs(4),
+            "{took:?}: the 300 ms connect timeout did not apply"
+        );
+        assert!(
+            h3_handshakes <= 2,
+            "{h3_handshakes} handshakes for 40 requests in {took:?} to one dead peer"
+        );
     })
     .await
     .expect("test timed out");

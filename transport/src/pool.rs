@@ -3,10 +3,21 @@
 //!
 //! Concurrent callers for a peer with no live connection wait for a single
 //! handshake (deduplication); if that handshake fails, everyone who was
-//! waiting for it gets its error instead of starting a handshake each. A
-//! closed connection (idle timeout, peer gone, error) is replaced on the next
+//! waiting for it gets its error instead of starting a handshake each. The
+//! handshake runs in its own task, so a caller that gives up (its own,
+//! shorter connect timeout) does not cancel it for the others: a dead peer
+//! costs one handshake at a time, not one per queued request. A closed
+//! connection (idle timeout, peer gone, error) is replaced on the next
 //! request. Each connection carries a `T` built once when it is established
 //! (for HTTP/3: the h3 request sender whose driver runs beside it).
+//!
+//! No connection outlives a certificate it was made with: shortly before
+//! the peer's certificate — or the one we presented — expires
+//! ([`replace_margin`]) the pool stops handing the connection out and dials
+//! a fresh one (certificates are renewed at half-life, so the new handshake
+//! uses new ones), while streams already on the old connection finish; at
+//! the peer's expiry the old connection is closed with [`CERT_EXPIRED`] (and
+//! the peer closes it at ours).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -14,6 +25,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
 use crate::endpoint::{ConnectError, MeshEndpoint};
 
@@ -30,15 +42,37 @@ pub struct Pool<T> {
 }
 
 struct Slot<T> {
-    /// Number of handshakes started for this peer so far.
-    attempts: AtomicU64,
-    state: tokio::sync::Mutex<SlotState<T>>,
+    state: Mutex<SlotState<T>>,
+}
+
+type Dialed<T> = Result<(quinn::Connection, T), Arc<ConnectError>>;
+type Dial<T> = futures::future::Shared<futures::future::BoxFuture<'static, Dialed<T>>>;
+
+/// QUIC application close code for a connection whose peer certificate expired.
+pub const CERT_EXPIRED: u32 = 0x57_01;
+
+/// How long before a certificate's expiry a connection made with it stops
+/// taking new streams: a tenth of the validity left when the connection was
+/// made, at most 30 s. Small against the half-life at which certificates
+/// are renewed, so a connection is replaced once per certificate, not per
+/// request. (Measured from the connection, not the certificate's
+/// not-before: CAs backdate not-before for clock skew — weft-ca by 5
+/// minutes — which would make short-lived certificates look long-lived.)
+pub fn replace_margin(left_at_connect: Duration) -> Duration {
+    (left_at_connect / 10).min(Duration::from_secs(30))
+}
+
+struct Live<T> {
+    conn: quinn::Connection,
+    t: T,
+    /// From here on, new streams go to a new connection.
+    replace_at: Option<SystemTime>,
 }
 
 struct SlotState<T> {
-    live: Option<(quinn::Connection, T)>,
-    /// The last failed attempt: its number and error.
-    failed: Option<(u64, Arc<ConnectError>)>,
+    live: Option<Live<T>>,
+    /// The handshake in progress, shared by everyone waiting for it.
+    dialing: Option<Dial<T>>,
 }
 
 impl Pool<()> {
@@ -65,54 +99,83 @@ impl<T: Clone + Send + Sync + 'static> Pool<T> {
     }
 
     /// A live connection to `addr`, dialing if there is none.
-    pub async fn get(&self, addr: SocketAddr) -> Result<(quinn::Connection, T), Arc<ConnectError>> {
+    pub async fn get(&self, addr: SocketAddr) -> Dialed<T> {
         let slot = {
             let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
             slots
                 .entry(addr)
                 .or_insert_with(|| {
                     Arc::new(Slot {
-                        attempts: AtomicU64::new(0),
-                        state: tokio::sync::Mutex::new(SlotState {
+                        state: Mutex::new(SlotState {
                             live: None,
-                            failed: None,
+                            dialing: None,
                         }),
                     })
                 })
                 .clone()
         };
-        let seen = slot.attempts.load(Ordering::Acquire);
-        let mut state = slot.state.lock().await;
-        if let Some((conn, t)) = &state.live {
-            if conn.close_reason().is_none() {
-                return Ok((conn.clone(), t.clone()));
+        let dial = {
+            let mut state = slot.state.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(live) = &state.live {
+                let fresh = live.replace_at.is_none_or(|at| SystemTime::now() < at);
+                if live.conn.close_reason().is_none() && fresh {
+                    return Ok((live.conn.clone(), live.t.clone()));
+                }
+                // Closed, or a certificate it was made with is about to
+                // expire: streams on it finish (until the expiry closer),
+                // new ones get a new connection.
+                state.live = None;
             }
-            state.live = None;
-        }
-        // A handshake that started after we arrived failed while we waited: share its result.
-        if let Some((attempt, err)) = &state.failed {
-            if *attempt > seen {
-                return Err(err.clone());
+            match &state.dialing {
+                Some(dial) => dial.clone(),
+                None => {
+                    let dial = self.dial(addr, slot.clone());
+                    state.dialing = Some(dial.clone());
+                    dial
+                }
             }
-        }
-        let attempt = slot.attempts.fetch_add(1, Ordering::AcqRel) + 1;
-        self.handshakes.fetch_add(1, Ordering::Relaxed);
-        let result = match self.endpoint.connect(addr, self.alpn).await {
-            Ok(conn) => (self.setup)(conn.clone()).await.map(|t| (conn, t)),
-            Err(e) => Err(e),
         };
-        match result {
-            Ok((conn, t)) => {
-                state.failed = None;
-                state.live = Some((conn.clone(), t.clone()));
-                Ok((conn, t))
+        dial.await
+    }
+
+    /// Start a handshake in its own task; it stores its result in the slot.
+    fn dial(&self, addr: SocketAddr, slot: Arc<Slot<T>>) -> Dial<T> {
+        use futures::FutureExt;
+        self.handshakes.fetch_add(1, Ordering::Relaxed);
+        let endpoint = self.endpoint.clone();
+        let setup = self.setup.clone();
+        let alpn = self.alpn;
+        let task = tokio::spawn(async move {
+            // Read before dialing: the certificate we present is this one or
+            // a newer one, so its expiry is no earlier than this.
+            let ours = endpoint.tls().not_after();
+            let result = match endpoint.connect(addr, alpn).await {
+                Ok(conn) => setup(conn.clone()).await.map(|t| (conn, t)),
+                Err(e) => Err(e),
+            };
+            let result = result.map_err(Arc::new);
+            let mut state = slot.state.lock().unwrap_or_else(|p| p.into_inner());
+            state.dialing = None;
+            if let Ok((conn, t)) = &result {
+                let replace_at = earlier(close_at_peer_expiry(conn), own_replace_at(ours));
+                state.live = Some(Live {
+                    conn: conn.clone(),
+                    t: t.clone(),
+                    replace_at,
+                });
             }
-            Err(e) => {
-                let e = Arc::new(e);
-                state.failed = Some((attempt, e.clone()));
-                Err(e)
-            }
+            result
+        });
+        async move {
+            task.await.unwrap_or_else(|e| {
+                Err(Arc::new(ConnectError::Setup {
+                    addr,
+                    reason: format!("the handshake task ended: {e}"),
+                }))
+            })
         }
+        .boxed()
+        .shared()
     }
 
     /// Handshakes started by this pool since it was created.
@@ -132,11 +195,57 @@ impl<T: Clone + Send + Sync + 'static> Pool<T> {
         slots
             .iter()
             .filter(|s| {
-                s.state
-                    .try_lock()
-                    .map(|st| matches!(&st.live, Some((c, _)) if c.close_reason().is_none()))
-                    .unwrap_or(true)
+                let st = s.state.lock().unwrap_or_else(|p| p.into_inner());
+                matches!(&st.live, Some(l) if l.conn.close_reason().is_none())
             })
             .count()
     }
+}
+
+/// The peer closes the connection when *our* certificate expires (it runs
+/// [`close_at_peer_expiry`] too), so stop using it a margin before that.
+fn own_replace_at(ours: Option<SystemTime>) -> Option<SystemTime> {
+    replace_at(ours?)
+}
+
+/// When to stop giving new streams to a connection made now with a
+/// certificate expiring at `not_after`; `None` if that is already past
+/// (a fresh dial would not help: the certificate has not been renewed).
+fn replace_at(not_after: SystemTime) -> Option<SystemTime> {
+    let left = not_after
+        .duration_since(SystemTime::now())
+        .unwrap_or_default();
+    not_after
+        .checked_sub(replace_margin(left))
+        .filter(|at| *at > SystemTime::now())
+}
+
+fn earlier(a: Option<SystemTime>, b: Option<SystemTime>) -> Option<SystemTime> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// Close `conn` when its peer's certificate expires; returns when to stop
+/// giving it new streams. A peer without readable validity (cannot happen
+/// after our verifier admitted it) is replaced at once.
+pub fn close_at_peer_expiry(conn: &quinn::Connection) -> Option<SystemTime> {
+    let Some((_, not_after)) = crate::tls::peer_validity(conn) else {
+        conn.close(CERT_EXPIRED.into(), b"peer certificate unreadable");
+        return Some(SystemTime::UNIX_EPOCH);
+    };
+    let until = not_after
+        .duration_since(SystemTime::now())
+        .unwrap_or_default();
+    let c = conn.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = tokio::time::sleep(until) => {
+                c.close(CERT_EXPIRED.into(), b"peer certificate expired");
+            }
+            _ = c.closed() => {}
+        }
+    });
+    replace_at(not_after)
 }

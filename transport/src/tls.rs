@@ -95,7 +95,9 @@ pub struct MeshTls {
 struct State {
     key: Arc<CertifiedKey>,
     id: SpiffeId,
+    not_before: Option<std::time::SystemTime>,
     not_after: Option<std::time::SystemTime>,
+    serial: String,
     roots: RootCertStore,
 }
 
@@ -140,6 +142,21 @@ impl MeshTls {
     /// When our current certificate expires.
     pub fn not_after(&self) -> Option<std::time::SystemTime> {
         self.state.load().not_after
+    }
+
+    /// When our current certificate became valid.
+    pub fn not_before(&self) -> Option<std::time::SystemTime> {
+        self.state.load().not_before
+    }
+
+    /// Our current certificate's serial number, in hex.
+    pub fn serial(&self) -> String {
+        self.state.load().serial.clone()
+    }
+
+    /// How many roots the trust bundle holds (more than one during a rotation).
+    pub fn bundle_roots(&self) -> usize {
+        self.state.load().roots.len()
     }
 
     /// Check a peer's chain against the bundle for `usage` and return its SPIFFE ID.
@@ -217,6 +234,8 @@ fn build_state(
         .ok_or(TlsError::NoCertificate("certificate chain"))?;
     let id = spiffe_id_of(leaf, trust_domain).map_err(|e| TlsError::BadIdentity(e.to_string()))?;
     let not_after = not_after_of(leaf);
+    let not_before = not_before_of(leaf);
+    let serial = serial_of(leaf).unwrap_or_default();
     let key = CertifiedKey::from_der(creds.chain.clone(), creds.key.clone_key(), provider)
         .map_err(|e| TlsError::BadIdentity(format!("certificate and key do not match: {e}")))?;
     let mut roots = RootCertStore::empty();
@@ -244,7 +263,9 @@ fn build_state(
     Ok(State {
         key: Arc::new(key),
         id,
+        not_before,
         not_after,
+        serial,
         roots,
     })
 }
@@ -294,6 +315,40 @@ pub fn not_after_of(cert: &CertificateDer<'_>) -> Option<std::time::SystemTime> 
     let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
     let secs = parsed.validity().not_after.timestamp();
     let secs = u64::try_from(secs).ok()?;
+    Some(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs))
+}
+
+/// When the peer's credentials of an established QUIC connection stop being
+/// valid: (the leaf's not-before, the earliest not-after in its chain). A
+/// connection must not be used past that time.
+pub fn peer_validity(
+    conn: &quinn::Connection,
+) -> Option<(std::time::SystemTime, std::time::SystemTime)> {
+    let certs = conn
+        .peer_identity()?
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .ok()?;
+    let not_before = not_before_of(certs.first()?)?;
+    let not_after = certs.iter().filter_map(not_after_of).min()?;
+    Some((not_before, not_after))
+}
+
+/// A certificate's serial number in lower-case hex, if it parses.
+pub fn serial_of(cert: &CertificateDer<'_>) -> Option<String> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    Some(
+        parsed
+            .raw_serial()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect(),
+    )
+}
+
+/// The not-before time of a certificate, if it parses.
+pub fn not_before_of(cert: &CertificateDer<'_>) -> Option<std::time::SystemTime> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    let secs = u64::try_from(parsed.validity().not_before.timestamp()).ok()?;
     Some(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs))
 }
 
