@@ -5,7 +5,10 @@
 //!
 //! The file is polled (content compared, not mtime): Kubernetes updates a
 //! mounted ConfigMap by swapping a symlink, which inotify-style watches on
-//! the file itself miss; a cheap read every interval sees it.
+//! the file itself miss; a cheap read every interval sees it. A change is
+//! applied once two polls in a row read the same new content, so an editor
+//! that rewrites the file in place is never caught half-way (a file cut at
+//! a line boundary can be valid TOML, and wrong).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -29,11 +32,12 @@ pub enum Outcome {
 
 pub(crate) async fn watch(ctx: Arc<Ctx>, path: PathBuf, interval: Duration) {
     let mut last = std::fs::read(&path).ok();
+    let mut candidate: Option<Vec<u8>> = None;
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let outcome = check(&ctx, &path, &mut last);
+        let outcome = check(&ctx, &path, &mut last, &mut candidate);
         match &outcome {
             Outcome::Unchanged => {}
             Outcome::Applied => tracing::info!(path = %path.display(), "mesh file reloaded"),
@@ -45,8 +49,14 @@ pub(crate) async fn watch(ctx: Arc<Ctx>, path: PathBuf, interval: Duration) {
     }
 }
 
-/// Read the file; if its content changed, validate and apply it.
-fn check(ctx: &Ctx, path: &std::path::Path, last: &mut Option<Vec<u8>>) -> Outcome {
+/// Read the file; if its content changed and stayed the same since the
+/// previous poll (`candidate`), validate and apply it.
+fn check(
+    ctx: &Ctx,
+    path: &std::path::Path,
+    last: &mut Option<Vec<u8>>,
+    candidate: &mut Option<Vec<u8>>,
+) -> Outcome {
     let bytes = match std::fs::read(path) {
         Ok(b) => b,
         // A file being replaced may be missing for a moment; a real removal
@@ -63,8 +73,15 @@ fn check(ctx: &Ctx, path: &std::path::Path, last: &mut Option<Vec<u8>>) -> Outco
         }
     };
     if last.as_deref() == Some(bytes.as_slice()) {
+        *candidate = None;
         return Outcome::Unchanged;
     }
+    if candidate.as_deref() != Some(bytes.as_slice()) {
+        // New content: wait one poll for it to settle.
+        *candidate = Some(bytes);
+        return Outcome::Unchanged;
+    }
+    *candidate = None;
     *last = Some(bytes.clone());
     let text = String::from_utf8_lossy(&bytes);
     let mesh = match Mesh::parse(&text, &path.display().to_string()) {
