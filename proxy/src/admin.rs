@@ -38,7 +38,11 @@ fn handle(ctx: &Ctx, req: Request<Incoming>) -> Response<ProxyBody> {
     match req.uri().path() {
         "/live" => text(StatusCode::OK, "live\n".into()),
         "/ready" => {
-            if ctx.ready.load(Ordering::Acquire) {
+            let expired = ctx
+                .tls
+                .not_after()
+                .is_some_and(|na| na <= std::time::SystemTime::now());
+            if ctx.ready.load(Ordering::Acquire) && !expired {
                 text(StatusCode::OK, "ready\n".into())
             } else {
                 text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n".into())
@@ -62,15 +66,19 @@ fn handle(ctx: &Ctx, req: Request<Incoming>) -> Response<ProxyBody> {
             json(&cfg)
         }
         "/certs" => {
-            let not_after = ctx
-                .tls
-                .not_after()
-                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            let unix = |t: Option<std::time::SystemTime>| t.map(crate::identity::unix);
+            let not_after = ctx.tls.not_after();
+            let left = not_after
+                .and_then(|t| t.duration_since(std::time::SystemTime::now()).ok())
                 .map(|d| d.as_secs());
             json(&serde_json::json!({
                 "identity": ctx.tls.identity().to_string(),
                 "trust_domain": ctx.tls.trust_domain(),
-                "not_after_unix": not_after,
+                "serial": ctx.tls.serial(),
+                "not_before_unix": unix(ctx.tls.not_before()),
+                "not_after_unix": unix(not_after),
+                "expires_in_seconds": left,
+                "trust_bundle_roots": ctx.tls.bundle_roots(),
             }))
         }
         "/clusters" => json(&ctx.state.load().snapshot()),

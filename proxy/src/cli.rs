@@ -9,7 +9,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use crate::mesh::Mesh;
-use crate::sidecar::{IdentitySource, Limits, SidecarConfig};
+use crate::sidecar::{CaCredential, IdentitySource, Limits, SidecarConfig};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -48,14 +48,23 @@ pub struct SidecarArgs {
     #[arg(long, env = "WEFT_CERT_DIR", value_name = "DIR", conflicts_with = "ca")]
     pub cert_dir: Option<PathBuf>,
     /// URL of `weft-ca serve`, to get a certificate by CSR (e.g. https://127.0.0.1:8443).
-    #[arg(long, env = "WEFT_CA", value_name = "URL", requires_all = ["ca_bundle", "token_file"])]
+    #[arg(long, env = "WEFT_CA", value_name = "URL", requires = "ca_bundle")]
     pub ca: Option<String>,
     /// Trust bundle (PEM) that verifies the CA's HTTPS certificate.
     #[arg(long, env = "WEFT_CA_BUNDLE", value_name = "FILE")]
     pub ca_bundle: Option<PathBuf>,
     /// File holding the join token from `weft-ca token`.
-    #[arg(long, env = "WEFT_TOKEN_FILE", value_name = "FILE")]
+    #[arg(
+        long,
+        env = "WEFT_TOKEN_FILE",
+        value_name = "FILE",
+        conflicts_with = "k8s_token_file"
+    )]
     pub token_file: Option<PathBuf>,
+    /// File holding a projected Kubernetes service-account token (audience
+    /// of `weft-ca serve --kubernetes`); re-read at every use.
+    #[arg(long, env = "WEFT_K8S_TOKEN_FILE", value_name = "FILE")]
+    pub k8s_token_file: Option<PathBuf>,
     /// The SPIFFE ID this sidecar expects to be issued (checked against the CA's answer).
     #[arg(long, env = "WEFT_SPIFFE_ID", value_name = "ID")]
     pub spiffe_id: Option<String>,
@@ -113,18 +122,34 @@ impl SidecarArgs {
             match (&self.cert_dir, &self.ca) {
                 (Some(dir), None) => IdentitySource::CertDir(dir.clone()),
                 (None, Some(url)) => {
-                    // clap's `requires_all` guarantees both are present.
+                    // clap's `requires` guarantees the bundle is present.
                     let bundle = self.ca_bundle.as_ref().ok_or("--ca needs --ca-bundle")?;
-                    let token = self.token_file.as_ref().ok_or("--ca needs --token-file")?;
+                    let credential =
+                        match (&self.token_file, &self.k8s_token_file) {
+                            (Some(t), None) => {
+                                CaCredential::JoinToken(read(t, "--token-file")?.trim().to_string())
+                            }
+                            (None, Some(k)) => {
+                                // Read once now, so a wrong path fails at start.
+                                read(k, "--k8s-token-file")?;
+                                CaCredential::KubernetesTokenFile(k.clone())
+                            }
+                            _ => return Err(
+                                "--ca needs exactly one credential: --token-file (a join token) \
+                             or --k8s-token-file (a projected service-account token)"
+                                    .into(),
+                            ),
+                        };
                     IdentitySource::Ca {
                         url: url.clone(),
                         bundle_pem: read(bundle, "--ca-bundle")?,
-                        token: read(token, "--token-file")?.trim().to_string(),
+                        credential,
                         expect_id: self.spiffe_id.clone(),
                     }
                 }
                 _ => return Err(
-                    "give either --cert-dir DIR or --ca URL (with --ca-bundle and --token-file)"
+                    "give either --cert-dir DIR or --ca URL (with --ca-bundle and --token-file \
+                     or --k8s-token-file)"
                         .into(),
                 ),
             };

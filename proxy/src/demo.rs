@@ -22,7 +22,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::mesh::{Mesh, Protocol, Service};
 use crate::metrics::{parse_text, Sample};
-use crate::sidecar::{IdentitySource, Limits, Sidecar, SidecarConfig};
+use crate::sidecar::{CaCredential, IdentitySource, Limits, Sidecar, SidecarConfig};
 
 const TRUST_DOMAIN: &str = "demo.weft.local";
 /// Concurrent HTTP callers in the customer app.
@@ -80,10 +80,7 @@ async fn run_in(dir: &std::path::Path, duration: Option<Duration>) -> anyhow::Re
 
     // 3. Sidecars start with the services and no endpoints; the mesh file
     //    with endpoints and routes is applied once their ports are known.
-    let mut mesh = Mesh {
-        trust_domain: TRUST_DOMAIN.into(),
-        services: BTreeMap::new(),
-    };
+    let mut mesh = Mesh::new(TRUST_DOMAIN);
     for (name, protocol) in [("payment", Protocol::Http), ("echo", Protocol::Tcp)] {
         mesh.services
             .insert(name.into(), Service::new(name, protocol));
@@ -100,7 +97,7 @@ async fn run_in(dir: &std::path::Path, duration: Option<Duration>) -> anyhow::Re
                 identity: IdentitySource::Ca {
                     url: ca_url,
                     bundle_pem: bundle,
-                    token: token?,
+                    credential: CaCredential::JoinToken(token?),
                     expect_id: Some(id),
                 },
                 inbound: "127.0.0.1:0".parse()?,

@@ -14,6 +14,9 @@ pub const MIRROR: &str = "x-weft-mirror";
 pub const ERROR: &str = "x-weft-error";
 /// Marks a 503 from the circuit breaker (the service's limits were full).
 pub const OVERFLOW: &str = "x-weft-overflow";
+/// On a 403 from the server sidecar: why the caller was refused
+/// (`not-allowed`, `deny-rule`, `default-deny`).
+pub const DENIED: &str = "x-weft-denied";
 /// Marks a response produced by fault injection.
 pub const FAULT: &str = "x-weft-fault";
 

@@ -78,6 +78,9 @@ async fn connection(ctx: Arc<Ctx>, conn: quinn::Connection) {
         direction: INBOUND,
         alpn: alpn_label,
     };
+    // No connection outlives the peer's certificate: close it at expiry
+    // (the peer's pool moves new streams to a fresh connection before that).
+    let _ = weft_transport::pool::close_at_peer_expiry(&conn);
     ctx.metrics.quic_connections.get_or_create(&labels).inc();
     let active = ctx.metrics.quic_active.get_or_create(&labels).clone();
     active.inc();
@@ -187,6 +190,19 @@ async fn forward_to_app(
             StatusCode::MISDIRECTED_REQUEST,
             format!("weft: :authority {service:?} is not a service of this mesh"),
         );
+    }
+    // Every request is authorized, not only the connection: the policy may
+    // have changed since the peer connected.
+    if let Err(denied) = authorize(ctx, peer, service) {
+        recv.stop_sending(h3::error::Code::H3_NO_ERROR);
+        let mut resp = error_response(
+            StatusCode::FORBIDDEN,
+            format!("weft: {peer} may not call {service}: {denied}"),
+        );
+        if let Ok(v) = http::HeaderValue::from_str(denied.reason()) {
+            resp.headers_mut().insert(headers::DENIED, v);
+        }
+        return resp;
     }
     let Some(app) = ctx.app else {
         recv.stop_sending(h3::error::Code::H3_NO_ERROR);
@@ -323,6 +339,11 @@ async fn l4_stream(
         refuse(send, recv, Status::UnknownTarget, msg).await;
         return;
     };
+    if let Err(denied) = authorize(&ctx, peer, &req.target) {
+        let msg = format!("{peer} may not call {}: {denied}", req.target);
+        refuse(send, recv, Status::Unauthorized, msg).await;
+        return;
+    }
     let Some(app) = ctx.app else {
         refuse(
             send,
@@ -385,6 +406,33 @@ async fn l4_stream(
     if let Some(e) = result.error {
         tracing::debug!(%peer, service = %req.target, error = %e, "TCP stream ended with error");
     }
+}
+
+/// Check the service's authorization policy for `peer`; a refusal is logged
+/// and counted in `weft_authz_denied_total`.
+fn authorize(ctx: &Ctx, peer: &SpiffeId, service: &str) -> Result<(), crate::mesh::Denied> {
+    let state = ctx.state.load();
+    let rules = state
+        .service(service)
+        .and_then(|s| s.authorization.as_ref());
+    let result = crate::mesh::authorize(
+        rules,
+        state.default_authorization,
+        &state.trust_domain,
+        peer,
+    );
+    if let Err(denied) = &result {
+        tracing::info!(%peer, %service, reason = denied.reason(), "request denied by authorization policy");
+        ctx.metrics
+            .authz_denied
+            .get_or_create(&crate::metrics::AuthzLabels {
+                service: service.to_string(),
+                peer: peer.to_string(),
+                reason: denied.reason(),
+            })
+            .inc();
+    }
+    result
 }
 
 async fn refuse(

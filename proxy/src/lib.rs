@@ -11,7 +11,7 @@ pub mod cluster;
 pub mod copy;
 pub mod demo;
 pub mod headers;
-mod identity;
+pub mod identity;
 pub mod inbound;
 pub mod mesh;
 pub mod metrics;
@@ -23,4 +23,4 @@ pub mod route;
 pub mod sidecar;
 
 pub use mesh::Mesh;
-pub use sidecar::{IdentitySource, Limits, Sidecar, SidecarConfig};
+pub use sidecar::{CaCredential, IdentitySource, Limits, Sidecar, SidecarConfig};

@@ -28,7 +28,9 @@ use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
+mod authz;
 mod policy;
+pub use authz::{check as authorize, Authorization, DefaultAuthorization, Denied, IdPattern};
 pub use policy::{
     Backend, Fault, FaultAbort, FaultDelay, HeaderMatch, Mirror, PathMatch, Pattern, RetryPolicy,
     Route, RouteMatch, ServicePolicy,
@@ -44,6 +46,8 @@ const MAX_LABEL_LEN: usize = 63;
 pub struct Mesh {
     /// The SPIFFE trust domain every sidecar of this mesh belongs to.
     pub trust_domain: String,
+    /// Who may call services without an `authorization` table.
+    pub default_authorization: DefaultAuthorization,
     /// Services by name.
     pub services: BTreeMap<String, Service>,
 }
@@ -62,6 +66,8 @@ pub struct Service {
     pub routes: Vec<Route>,
     #[serde(flatten)]
     pub policy: ServicePolicy,
+    /// Who may call the service; `None`: the mesh's `default_authorization`.
+    pub authorization: Option<Authorization>,
 }
 
 impl Service {
@@ -74,6 +80,7 @@ impl Service {
             endpoints: Vec::new(),
             routes: vec![Route::default_for(name)],
             policy: ServicePolicy::default(),
+            authorization: None,
         }
     }
 }
@@ -145,6 +152,15 @@ impl fmt::Display for MeshErrors {
 impl std::error::Error for MeshErrors {}
 
 impl Mesh {
+    /// A mesh with no services and default settings.
+    pub fn new(trust_domain: &str) -> Mesh {
+        Mesh {
+            trust_domain: trust_domain.to_string(),
+            default_authorization: DefaultAuthorization::default(),
+            services: BTreeMap::new(),
+        }
+    }
+
     /// Parse and check mesh-file text. `origin` names the file in messages.
     pub fn parse(text: &str, origin: &str) -> Result<Mesh, MeshErrors> {
         let mut check = Checker {
@@ -200,6 +216,9 @@ struct RawMesh {
     // with every other error; `Checker` requires it.
     #[serde(default)]
     trust_domain: Option<Spanned<String>>,
+    // Default: any workload of the trust domain (see authz.rs).
+    #[serde(default)]
+    default_authorization: Option<Spanned<String>>,
     // Default: no services. A sidecar that only accepts inbound traffic needs
     // none, and an empty mesh file is a valid starting point.
     #[serde(default)]
@@ -236,6 +255,9 @@ struct RawService {
     connect_timeout: Option<Spanned<String>>,
     #[serde(default)]
     idle_timeout: Option<Spanned<String>>,
+    // Default: the mesh's default_authorization.
+    #[serde(default)]
+    authorization: Option<Spanned<authz::RawAuthorization>>,
 }
 
 /// An endpoint entry: `"ip:port"` or `{ addr = "ip:port", labels = { … } }`.
@@ -347,12 +369,14 @@ impl Checker<'_> {
         let mut services = BTreeMap::new();
         let mut refs = Vec::new();
         for (name, raw) in raw.services {
-            let service = self.service(name.get_ref(), name.span(), raw, &mut refs);
+            let service = self.service(name.get_ref(), name.span(), raw, &trust_domain, &mut refs);
             services.insert(name.into_inner(), service);
         }
         self.references(&services, refs);
+        let default_authorization = self.default_authorization(raw.default_authorization);
         Mesh {
             trust_domain,
+            default_authorization,
             services,
         }
     }
@@ -362,6 +386,7 @@ impl Checker<'_> {
         name: &str,
         name_span: Range<usize>,
         raw: RawService,
+        trust_domain: &str,
         refs: &mut Vec<policy::Reference>,
     ) -> Service {
         if let Err(why) = check_service_name(name) {
@@ -439,7 +464,11 @@ impl Checker<'_> {
             idle_timeout: raw.idle_timeout,
         };
         let (routes, policy) = self.policy(name, name_span, protocol, raw_policy, refs);
+        let authorization = raw
+            .authorization
+            .map(|a| self.authorization(name, trust_domain, a.into_inner()));
         Service {
+            authorization,
             name: name.to_string(),
             protocol,
             port: raw.port,
@@ -623,6 +652,7 @@ endpoints = ["[::1]:15308"]
         };
         let want = Mesh {
             trust_domain: "example.org".into(),
+            default_authorization: DefaultAuthorization::TrustDomain,
             services: BTreeMap::from([("echo".into(), echo), ("payment".into(), payment)]),
         };
         assert_eq!(mesh, want);

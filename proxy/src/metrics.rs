@@ -57,6 +57,14 @@ pub struct ResultLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuthzLabels {
+    pub service: String,
+    /// The caller's SPIFFE ID (it proved it in the handshake; bounded by the mesh's workloads).
+    pub peer: String,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabels {
     pub service: String,
     pub route: String,
@@ -114,6 +122,9 @@ pub struct Metrics {
     pub mirrored: Family<MirrorLabels, Counter>,
     pub overflows: Family<ServiceReasonLabels, Counter>,
     pub ejections: Family<ServiceReasonLabels, Counter>,
+    pub cert_expiry: Gauge,
+    pub cert_renewals: Family<ResultLabels, Counter>,
+    pub authz_denied: Family<AuthzLabels, Counter>,
 }
 
 impl Metrics {
@@ -138,6 +149,9 @@ impl Metrics {
             mirrored: Family::default(),
             overflows: Family::default(),
             ejections: Family::default(),
+            cert_expiry: Gauge::default(),
+            cert_renewals: Family::default(),
+            authz_denied: Family::default(),
         };
         let r = &mut m.registry;
         r.register(
@@ -229,6 +243,21 @@ impl Metrics {
             "weft_outlier_ejections",
             "Endpoints ejected by outlier detection, by service and reason",
             m.ejections.clone(),
+        );
+        r.register(
+            "weft_cert_expiry_timestamp_seconds",
+            "When this sidecar's current certificate expires (Unix time)",
+            m.cert_expiry.clone(),
+        );
+        r.register(
+            "weft_cert_renewals",
+            "Certificate renewals by result (success, failure: retried with backoff)",
+            m.cert_renewals.clone(),
+        );
+        r.register(
+            "weft_authz_denied",
+            "Inbound requests and streams refused by the service's authorization policy",
+            m.authz_denied.clone(),
         );
         Arc::new(m)
     }

@@ -30,16 +30,30 @@ use crate::metrics::{Metrics, QuicLabels, OUTBOUND};
 pub enum IdentitySource {
     /// `cert.pem`, `key.pem`, `bundle.pem` in a directory (weft-ca issue, cert-manager, SPIRE).
     CertDir(PathBuf),
-    /// A CSR to `weft-ca serve`, authenticated by a join token; the key stays here.
+    /// A CSR to `weft-ca serve`; the key stays here. Renewed at half-life
+    /// with the current certificate as the credential.
     Ca {
         url: String,
+        /// Verifies the CA's serving certificate (until a renewal brings a newer bundle).
         bundle_pem: String,
-        token: String,
+        /// What proves our identity to the CA the first time.
+        credential: CaCredential,
         /// If set, the issued identity must be this one.
         expect_id: Option<String>,
     },
     /// Credentials already in memory (tests, `weft demo`).
     Static(Credentials),
+}
+
+/// The credential a sidecar presents to the CA for its first certificate
+/// (and again if renewing with its certificate fails).
+#[derive(Clone)]
+pub enum CaCredential {
+    /// A join token from `weft-ca token` (VMs, local runs).
+    JoinToken(String),
+    /// A projected Kubernetes service-account token, re-read on every use
+    /// because the kubelet rotates it.
+    KubernetesTokenFile(PathBuf),
 }
 
 /// Resource limits; a peer that exceeds them gets an error, others are unaffected.
@@ -164,8 +178,8 @@ pub struct Sidecar {
 
 impl Sidecar {
     pub async fn start(cfg: SidecarConfig) -> Result<Sidecar, SidecarError> {
-        let creds = crate::identity::obtain(&cfg.identity).await?;
-        let tls = MeshTls::new(&cfg.mesh.trust_domain, &creds)?;
+        let obtained = crate::identity::obtain(&cfg.identity).await?;
+        let tls = MeshTls::new(&cfg.mesh.trust_domain, &obtained.creds)?;
         tracing::info!(identity = %tls.identity(), "certificate loaded");
         let mut opts = EndpointOptions::new(cfg.inbound);
         opts.max_streams_per_connection = cfg.limits.max_streams_per_connection;
@@ -251,7 +265,15 @@ impl Sidecar {
             effective,
         });
 
-        let mut tasks = vec![ctx.spawn(crate::inbound::accept_loop(ctx.clone(), endpoint.clone()))];
+        crate::identity::publish_expiry(&ctx);
+        let mut tasks = vec![
+            ctx.spawn(crate::inbound::accept_loop(ctx.clone(), endpoint.clone())),
+            ctx.spawn(crate::identity::maintain(
+                ctx.clone(),
+                cfg.identity.clone(),
+                obtained.pem,
+            )),
+        ];
         let mut upstream_addrs = BTreeMap::new();
         for (svc, addr) in &cfg.upstreams {
             let listener = tokio::net::TcpListener::bind(addr)

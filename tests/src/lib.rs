@@ -64,11 +64,11 @@ pub fn any_port() -> SocketAddr {
 /// A mesh with the given services and no endpoints yet.
 pub fn mesh(trust_domain: &str, services: &[(&str, Protocol)]) -> Mesh {
     Mesh {
-        trust_domain: trust_domain.into(),
         services: services
             .iter()
             .map(|(name, protocol)| (name.to_string(), Service::new(name, *protocol)))
             .collect(),
+        ..Mesh::new(trust_domain)
     }
 }
 

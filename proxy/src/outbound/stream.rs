@@ -149,7 +149,7 @@ async fn connect(ctx: &Arc<Ctx>, service: &str) -> Result<Connected, String> {
         tried.push(ep.addr());
         let in_flight = ep.start();
         let started = Instant::now();
-        let error = match open(ctx, &cluster, &backend.service, &ep).await {
+        let (error, refused) = match open(ctx, &cluster, &backend.service, &ep).await {
             Ok((send, recv, peer)) => {
                 ep.observe_latency(started.elapsed(), Instant::now());
                 record(ctx, &cluster, &ep, AttemptResult::Status(200));
@@ -163,6 +163,11 @@ async fn connect(ctx: &Arc<Ctx>, service: &str) -> Result<Connected, String> {
             }
             Err(e) => e,
         };
+        // The peer refused us (authorization, unknown service): another
+        // endpoint would too, and the endpoint is healthy.
+        if refused {
+            return Err(error);
+        }
         record(ctx, &cluster, &ep, AttemptResult::ConnectFailure);
         let p = &route.retries;
         let elsewhere = endpoints.iter().any(|e| !tried.contains(&e.addr()));
@@ -207,13 +212,40 @@ fn record(ctx: &Ctx, cluster: &Cluster, ep: &EndpointState, result: AttemptResul
     }
 }
 
-/// Open a stream to one endpoint and complete the preamble exchange.
+/// Open a stream to one endpoint and complete the preamble exchange. An
+/// error says whether the peer *refused* the stream (a policy answer, not a
+/// failure: `true`) or could not be reached or reach its app (`false`).
 async fn open(
     ctx: &Arc<Ctx>,
     cluster: &Cluster,
     service: &str,
     ep: &EndpointState,
-) -> Result<(quinn::SendStream, quinn::RecvStream, String), String> {
+) -> Result<(quinn::SendStream, quinn::RecvStream, String), (String, bool)> {
+    open_inner(ctx, cluster, service, ep)
+        .await
+        .map_err(|e| match e {
+            OpenError::Failed(m) => (m, false),
+            OpenError::Refused(m) => (m, true),
+        })
+}
+
+enum OpenError {
+    Failed(String),
+    Refused(String),
+}
+
+impl From<String> for OpenError {
+    fn from(s: String) -> Self {
+        OpenError::Failed(s)
+    }
+}
+
+async fn open_inner(
+    ctx: &Arc<Ctx>,
+    cluster: &Cluster,
+    service: &str,
+    ep: &EndpointState,
+) -> Result<(quinn::SendStream, quinn::RecvStream, String), OpenError> {
     let addr = ep.addr();
     let connect_timeout = cluster.service.policy.connect_timeout;
     let (conn, peer) = tokio::time::timeout(connect_timeout, ctx.l4_pool.get(addr))
@@ -235,11 +267,18 @@ async fn open(
         .await
         .map_err(|_| format!("{addr} did not answer the stream preamble in {wait:?}"))?
         .map_err(|e| format!("reading the answer of {addr}: {e}"))?;
-    if resp.status != preamble::Status::Ok {
-        return Err(format!(
-            "{addr} refused the stream: {:?} {}",
-            resp.status, resp.message
-        ));
+    let msg = format!(
+        "{addr} refused the stream: {:?} {}",
+        resp.status, resp.message
+    );
+    match resp.status {
+        preamble::Status::Ok => {}
+        preamble::Status::Unauthorized
+        | preamble::Status::UnknownTarget
+        | preamble::Status::Malformed => return Err(OpenError::Refused(msg)),
+        preamble::Status::ConnectFailed | preamble::Status::Overloaded => {
+            return Err(OpenError::Failed(msg))
+        }
     }
     Ok((send, recv, peer))
 }

@@ -1,0 +1,289 @@
+//! Certificates over time, end to end with a real `weft-ca serve` (in
+//! process, real HTTPS) and real sidecars that get their certificates by
+//! CSR: short-lived leaves rotate under load with no failed request; a CA
+//! outage longer than a lifetime fails closed at expiry and recovers, with
+//! no restart, when the CA is back.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpListener;
+use weft_proxy::{CaCredential, IdentitySource, Limits, Sidecar, SidecarConfig};
+use weft_tests::fleet::{BehavingApp, Client};
+use weft_tests::*;
+
+/// A CA served over HTTPS on a fixed loopback address, restartable.
+struct CaService {
+    ca: Arc<weft_ca::Ca>,
+    _dir: tempfile::TempDir,
+    addr: SocketAddr,
+    ttl: Duration,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl CaService {
+    async fn start(ttl: Duration) -> CaService {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = Arc::new(weft_ca::Ca::init(dir.path(), TD).expect("init CA"));
+        let listener = TcpListener::bind(any_port()).await.expect("bind CA");
+        let addr = listener.local_addr().expect("addr");
+        let mut svc = CaService {
+            ca,
+            _dir: dir,
+            addr,
+            ttl,
+            task: None,
+        };
+        svc.serve(listener);
+        svc
+    }
+
+    fn serve(&mut self, listener: TcpListener) {
+        let (ca, ttl) = (self.ca.clone(), self.ttl);
+        self.task = Some(tokio::spawn(async move {
+            let _ = weft_ca::server::serve(ca, listener, ttl).await;
+        }));
+    }
+
+    fn stop(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+
+    /// Serve again on the same address (the sidecars' `--ca` URL).
+    async fn restart(&mut self) {
+        self.stop();
+        let listener = TcpListener::bind(self.addr).await.expect("rebind CA");
+        self.serve(listener);
+    }
+
+    fn url(&self) -> String {
+        format!("https://{}", self.addr)
+    }
+
+    /// What a sidecar for `name` needs to get its certificate from this CA.
+    fn identity(&self, name: &str) -> IdentitySource {
+        let id = format!("spiffe://{TD}/ns/test/sa/{name}");
+        IdentitySource::Ca {
+            url: self.url(),
+            bundle_pem: self.ca.bundle_pem(),
+            credential: CaCredential::JoinToken(
+                self.ca
+                    .token(&id, Duration::from_secs(3600))
+                    .expect("token"),
+            ),
+            expect_id: Some(id),
+        }
+    }
+}
+
+/// A client sidecar and a server sidecar (in front of an app), both with
+/// certificates from `ca`.
+async fn pair(ca: &CaService) -> (Sidecar, Sidecar, BehavingApp) {
+    let app = BehavingApp::start("payment").await;
+    let mut mesh = weft_tests::mesh(TD, &[("payment", weft_proxy::mesh::Protocol::Http)]);
+    let start = |name: &str, app: Option<SocketAddr>, upstreams: Vec<(String, SocketAddr)>| {
+        let cfg = SidecarConfig {
+            mesh: mesh.clone(),
+            identity: ca.identity(name),
+            inbound: any_port(),
+            admin: any_port(),
+            app,
+            upstreams,
+            limits: Limits::default(),
+        };
+        async move { Sidecar::start(cfg).await.expect("sidecar starts") }
+    };
+    let server = start("payment", Some(app.addr), vec![]).await;
+    let client = start("customer", None, vec![("payment".into(), any_port())]).await;
+    mesh = with_endpoint(mesh, "payment", server.inbound_addr);
+    client.set_mesh(mesh.clone());
+    server.set_mesh(mesh);
+    (client, server, app)
+}
+
+/// `/certs` of a sidecar: (serial, seconds left).
+async fn certs(admin: SocketAddr) -> (String, i64) {
+    let (status, body) = admin_get(admin, "/certs").await;
+    assert_eq!(status, 200);
+    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+    (
+        v["serial"].as_str().unwrap_or_default().to_string(),
+        v["expires_in_seconds"].as_i64().unwrap_or(-1),
+    )
+}
+
+/// Requests in a loop until `stop`: (ok, failed, time of the first failure).
+struct Load {
+    ok: AtomicU64,
+    failed: AtomicU64,
+    first_failure: Mutex<Option<Instant>>,
+    last_failure: Mutex<Option<Instant>>,
+    /// The first few failures, for the assertion message.
+    samples: Mutex<Vec<String>>,
+    stop: AtomicBool,
+}
+
+fn load(upstream: SocketAddr, workers: usize) -> Arc<Load> {
+    let l = Arc::new(Load {
+        ok: AtomicU64::new(0),
+        failed: AtomicU64::new(0),
+        first_failure: Mutex::new(None),
+        last_failure: Mutex::new(None),
+        samples: Mutex::new(Vec::new()),
+        stop: AtomicBool::new(false),
+    });
+    for _ in 0..workers {
+        let l = l.clone();
+        tokio::spawn(async move {
+            let client = Client::new(upstream);
+            while !l.stop.load(Ordering::SeqCst) {
+                match client.get("/pay", &[]).await {
+                    Ok(a) if a.status == 200 => {
+                        l.ok.fetch_add(1, Ordering::SeqCst);
+                    }
+                    other => {
+                        l.failed.fetch_add(1, Ordering::SeqCst);
+                        {
+                            let mut samples = l.samples.lock().expect("lock");
+                            if samples.len() < 5 {
+                                samples.push(match other {
+                                    Ok(a) => format!("{} {}", a.status, a.body.trim()),
+                                    Err(e) => e,
+                                });
+                            }
+                        }
+                        let now = Instant::now();
+                        l.first_failure.lock().expect("lock").get_or_insert(now);
+                        *l.last_failure.lock().expect("lock") = Some(now);
+                        // A failing mesh answers at once; do not spin.
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+            }
+        });
+    }
+    l
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_second_leaves_rotate_under_load_without_a_failed_request() {
+    let ca = CaService::start(Duration::from_secs(10)).await;
+    let (client, server, app) = pair(&ca).await;
+    let l = load(client.upstream_addrs["payment"], 4);
+    let mut serials = [BTreeSet::new(), BTreeSet::new()];
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(60) {
+        for (i, sc) in [&client, &server].iter().enumerate() {
+            let (serial, left) = certs(sc.admin_addr).await;
+            assert!(left > 0, "a certificate expired during rotation");
+            serials[i].insert(serial);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    l.stop.store(true, Ordering::SeqCst);
+    let (ok, failed) = (l.ok.load(Ordering::SeqCst), l.failed.load(Ordering::SeqCst));
+    assert_eq!(
+        failed,
+        0,
+        "{failed} failed of {}: {:?}",
+        ok + failed,
+        l.samples.lock().expect("lock")
+    );
+    assert!(ok > 1000, "too little traffic to mean anything: {ok}");
+    for (side, s) in ["client", "server"].iter().zip(&serials) {
+        assert!(s.len() >= 5, "{side} saw only {} serials: {s:?}", s.len());
+    }
+    let renewals = |admin| async move {
+        metric_sum(
+            &scrape(admin).await,
+            "weft_cert_renewals_total",
+            &[("result", "success")],
+        )
+    };
+    assert!(renewals(client.admin_addr).await >= 4.0);
+    assert!(renewals(server.admin_addr).await >= 4.0);
+    // The expiry gauge tracks the current certificate.
+    let expiry = metric_sum(
+        &scrape(server.admin_addr).await,
+        "weft_cert_expiry_timestamp_seconds",
+        &[],
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs_f64();
+    assert!(
+        expiry > now && expiry <= now + 11.0,
+        "expiry {expiry}, now {now}"
+    );
+    assert!(app.requests() >= ok);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ca_outage_fails_closed_at_expiry_and_recovers_without_restart() {
+    let ttl = Duration::from_secs(6);
+    let mut ca = CaService::start(ttl).await;
+    let (client, server, _app) = pair(&ca).await;
+    let l = load(client.upstream_addrs["payment"], 2);
+    ca.stop();
+    let stopped = Instant::now();
+    // Both certificates were issued just before the stop: they expire within a lifetime.
+    let expiry = stopped + ttl + Duration::from_secs(1);
+
+    // Until expiry, renewals fail but traffic flows on the current certificates.
+    assert!(
+        wait_until(ttl * 2, || async {
+            metric_sum(
+                &scrape(client.admin_addr).await,
+                "weft_cert_renewals_total",
+                &[("result", "failure")],
+            ) > 0.0
+        })
+        .await,
+        "renewal failures are not reported"
+    );
+    // Then it fails closed: requests fail once a certificate has expired,
+    // and /ready says so.
+    assert!(
+        wait_until(ttl * 2, || async { l.failed.load(Ordering::SeqCst) > 0 }).await,
+        "traffic kept flowing past certificate expiry"
+    );
+    let first = l.first_failure.lock().expect("lock").expect("a failure");
+    assert!(
+        first + Duration::from_secs(1) >= stopped + ttl - Duration::from_secs(2),
+        "traffic failed {:?} after the CA stopped, before the certificates expired",
+        first - stopped
+    );
+    let (status, _) = admin_get(server.admin_addr, "/ready").await;
+    assert_eq!(status, 503, "an expired sidecar must not report ready");
+    let ok_during = l.ok.load(Ordering::SeqCst);
+
+    // The CA stays down for two lifetimes in all.
+    let back_at = stopped + ttl * 2;
+    tokio::time::sleep_until(back_at.into()).await;
+    assert!(Instant::now() > expiry);
+    ca.restart().await;
+
+    // Recovery without restarting the sidecars: the expired certificate is
+    // refused by the CA, so the join token gets a new one.
+    let recovered = wait_until(Duration::from_secs(20), || async {
+        let before = l.ok.load(Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        l.ok.load(Ordering::SeqCst) > before
+            && l.last_failure
+                .lock()
+                .expect("lock")
+                .is_some_and(|t| t.elapsed() > Duration::from_millis(300))
+    })
+    .await;
+    assert!(recovered, "traffic did not recover after the CA came back");
+    let (status, _) = admin_get(server.admin_addr, "/ready").await;
+    assert_eq!(status, 200);
+    assert!(l.ok.load(Ordering::SeqCst) > ok_during);
+    l.stop.store(true, Ordering::SeqCst);
+}
