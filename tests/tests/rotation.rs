@@ -287,3 +287,65 @@ async fn a_ca_outage_fails_closed_at_expiry_and_recovers_without_restart() {
     assert!(l.ok.load(Ordering::SeqCst) > ok_during);
     l.stop.store(true, Ordering::SeqCst);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_connection_outlives_the_peer_certificate() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    tokio::time::timeout(Duration::from_secs(60), async {
+        let ca = TestCa::new(TD);
+        let (app, _seen) = tcp_echo_app().await;
+        let mesh = weft_tests::mesh(TD, &[("echo", weft_proxy::mesh::Protocol::Tcp)]);
+        // The server's certificate lives 3 s and is never renewed (static).
+        let server = sidecar(
+            &mesh,
+            ca.creds_for(&ca.id("echo"), Duration::from_secs(3)),
+            Some(app),
+            &[],
+            Limits::default(),
+        )
+        .await;
+        let issued = Instant::now();
+        let client = sidecar(
+            &mesh,
+            ca.creds("customer"),
+            None,
+            &["echo"],
+            Limits::default(),
+        )
+        .await;
+        let mesh = with_endpoint(mesh, "echo", server.inbound_addr);
+        client.set_mesh(mesh.clone());
+        server.set_mesh(mesh);
+
+        // A long-lived TCP stream over the one QUIC connection.
+        let mut s = tokio::net::TcpStream::connect(client.upstream_addrs["echo"])
+            .await
+            .expect("connect");
+        s.write_all(b"ping").await.expect("write");
+        let mut back = [0u8; 4];
+        s.read_exact(&mut back).await.expect("echo");
+        // It ends when the server's certificate expires, not later.
+        let mut buf = [0u8; 16];
+        let ended = matches!(s.read(&mut buf).await, Ok(0) | Err(_));
+        let at = issued.elapsed();
+        assert!(ended);
+        assert!(
+            at >= Duration::from_secs(1) && at < Duration::from_secs(5),
+            "the stream ended {at:?} after a 3 s certificate was issued"
+        );
+        // And no new connection can be made with the expired certificate:
+        // the client refuses the server (fails closed).
+        let mut s = tokio::net::TcpStream::connect(client.upstream_addrs["echo"])
+            .await
+            .expect("connect");
+        let refused = match s.write_all(b"ping").await {
+            Err(_) => true,
+            Ok(()) => matches!(s.read(&mut buf).await, Ok(0) | Err(_)),
+        };
+        assert!(refused, "a peer with an expired certificate was used");
+        let handshakes = client.pool_handshakes().1;
+        assert!(handshakes >= 2, "no new handshake was tried ({handshakes})");
+    })
+    .await
+    .expect("test timed out");
+}
