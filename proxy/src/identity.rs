@@ -55,20 +55,32 @@ pub(crate) struct Pem {
 /// What start-up obtained.
 pub(crate) struct Obtained {
     pub creds: Credentials,
-    /// Set when the certificate came from the CA.
-    pub pem: Option<Pem>,
+    /// What renewal starts from: the CA's PEM, or the files' bytes.
+    pub kept: Kept,
+}
+
+/// What the certificate's maintenance needs to know about the start-up one.
+pub(crate) enum Kept {
+    None,
+    /// Came from the CA: renew with it.
+    Pem(Pem),
+    /// Came from `--cert-dir`: these bytes are applied; watch for others.
+    Files(Vec<u8>),
 }
 
 pub(crate) async fn obtain(src: &IdentitySource) -> Result<Obtained, SidecarError> {
     match src {
         IdentitySource::Static(c) => Ok(Obtained {
             creds: c.clone(),
-            pem: None,
+            kept: Kept::None,
         }),
-        IdentitySource::CertDir(dir) => Ok(Obtained {
-            creds: from_dir(dir)?.0,
-            pem: None,
-        }),
+        IdentitySource::CertDir(dir) => {
+            let raw = read_dir_files(dir)?;
+            Ok(Obtained {
+                creds: parse_files(&raw)?,
+                kept: Kept::Files(raw.concat()),
+            })
+        }
         IdentitySource::Ca {
             url,
             bundle_pem,
@@ -95,7 +107,7 @@ pub(crate) async fn obtain(src: &IdentitySource) -> Result<Obtained, SidecarErro
             }
             Ok(Obtained {
                 creds,
-                pem: Some(pem),
+                kept: Kept::Pem(pem),
             })
         }
     }
@@ -135,9 +147,8 @@ fn trust_domain_of(id: &str) -> &str {
         .unwrap_or("")
 }
 
-/// Read `cert.pem`, `key.pem`, `bundle.pem`; also returns the raw bytes, to
-/// notice changes.
-fn from_dir(dir: &Path) -> Result<(Credentials, Vec<u8>), SidecarError> {
+/// Read `cert.pem`, `key.pem`, `bundle.pem` (in that order).
+fn read_dir_files(dir: &Path) -> Result<[Vec<u8>; 3], SidecarError> {
     let read = |name: &str| {
         std::fs::read(dir.join(name)).map_err(|e| {
             SidecarError::Identity(format!(
@@ -146,9 +157,11 @@ fn from_dir(dir: &Path) -> Result<(Credentials, Vec<u8>), SidecarError> {
             ))
         })
     };
-    let (cert, key, bundle) = (read("cert.pem")?, read("key.pem")?, read("bundle.pem")?);
-    let creds = Credentials::from_pem(&cert, &key, &bundle)?;
-    Ok((creds, [cert, key, bundle].concat()))
+    Ok([read("cert.pem")?, read("key.pem")?, read("bundle.pem")?])
+}
+
+fn parse_files([cert, key, bundle]: &[Vec<u8>; 3]) -> Result<Credentials, SidecarError> {
+    Ok(Credentials::from_pem(cert, key, bundle)?)
 }
 
 /// When to renew a certificate we got at `since` that expires at
@@ -171,16 +184,16 @@ pub fn retry_delay(failures: u32, left: Duration) -> Duration {
 }
 
 /// Keep the certificate fresh until the sidecar drains.
-pub(crate) async fn maintain(ctx: Arc<Ctx>, src: IdentitySource, pem: Option<Pem>) {
-    match src {
-        IdentitySource::Static(_) => {}
-        IdentitySource::CertDir(dir) => watch_dir(ctx, dir).await,
-        IdentitySource::Ca {
-            url, credential, ..
-        } => {
-            let Some(pem) = pem else { return };
-            renew_loop(ctx, url, credential, pem).await
-        }
+pub(crate) async fn maintain(ctx: Arc<Ctx>, src: IdentitySource, kept: Kept) {
+    match (src, kept) {
+        (IdentitySource::CertDir(dir), Kept::Files(raw)) => watch_dir(ctx, dir, raw).await,
+        (
+            IdentitySource::Ca {
+                url, credential, ..
+            },
+            Kept::Pem(pem),
+        ) => renew_loop(ctx, url, credential, pem).await,
+        _ => {}
     }
 }
 
@@ -272,29 +285,16 @@ fn apply_creds(ctx: &Ctx, creds: &Credentials) -> Result<(), String> {
     Ok(())
 }
 
-async fn watch_dir(ctx: Arc<Ctx>, dir: PathBuf) {
-    let mut last = from_dir(&dir).map(|(_, raw)| raw).ok();
+/// Re-read the files every [`CERT_DIR_POLL`]; apply new content. `applied`
+/// is what start-up loaded, so a change made meanwhile is not missed.
+async fn watch_dir(ctx: Arc<Ctx>, dir: PathBuf, mut applied: Vec<u8>) {
+    // Unusable content seen on the previous poll, and whether it was reported.
+    let mut bad: Option<(Vec<u8>, bool)> = None;
     let mut tick = tokio::time::interval(CERT_DIR_POLL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        match from_dir(&dir) {
-            Ok((creds, raw)) => {
-                if last.as_ref() == Some(&raw) {
-                    continue;
-                }
-                last = Some(raw);
-                if let Err(e) = apply_creds(&ctx, &creds) {
-                    count(&ctx, "failure");
-                    tracing::warn!(dir = %dir.display(), error = %e, "new certificate files rejected");
-                }
-            }
-            // Files being replaced may be half-written for a moment: try
-            // again next tick; the current certificate stays.
-            Err(e) => {
-                tracing::debug!(dir = %dir.display(), error = %e, "certificate files unreadable")
-            }
-        }
+        check_dir(&ctx, &dir, &mut applied, &mut bad);
         if ctx
             .tls
             .not_after()
@@ -302,6 +302,45 @@ async fn watch_dir(ctx: Arc<Ctx>, dir: PathBuf) {
         {
             ctx.ready.store(false, Ordering::Release);
         }
+    }
+}
+
+/// One poll of a `--cert-dir`.
+fn check_dir(ctx: &Ctx, dir: &Path, applied: &mut Vec<u8>, bad: &mut Option<(Vec<u8>, bool)>) {
+    // A file being replaced may be missing for a moment: try next poll.
+    let raw = match read_dir_files(dir) {
+        Ok(raw) => raw,
+        Err(e) => {
+            tracing::debug!(dir = %dir.display(), error = %e, "certificate files unreadable");
+            return;
+        }
+    };
+    let joined = raw.concat();
+    if joined == *applied {
+        *bad = None;
+        return;
+    }
+    let result = parse_files(&raw)
+        .map_err(|e| e.to_string())
+        .and_then(|creds| apply_creds(ctx, &creds));
+    match result {
+        Ok(()) => {
+            *applied = joined;
+            *bad = None;
+        }
+        // Files caught half-replaced fail once and are fine on the next
+        // poll; content that stays unusable is reported, once.
+        Err(e) => match bad {
+            Some((seen, reported)) if *seen == joined => {
+                if !*reported {
+                    *reported = true;
+                    count(ctx, "failure");
+                    tracing::warn!(dir = %dir.display(), error = %e,
+                        "certificate files changed but cannot be used; keeping the current certificate");
+                }
+            }
+            _ => *bad = Some((joined, false)),
+        },
     }
 }
 

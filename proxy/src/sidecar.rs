@@ -271,7 +271,7 @@ impl Sidecar {
             ctx.spawn(crate::identity::maintain(
                 ctx.clone(),
                 cfg.identity.clone(),
-                obtained.pem,
+                obtained.kept,
             )),
         ];
         let mut upstream_addrs = BTreeMap::new();
