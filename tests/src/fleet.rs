@@ -519,3 +519,95 @@ pub fn quantile(answers: &[Result<Answer, String>], q: f64) -> Duration {
     let i = ((v.len() - 1) as f64 * q).round() as usize;
     v[i.min(v.len() - 1)]
 }
+
+/// Requests in a loop on `workers` tasks until stopped: how many succeeded
+/// and failed, when failures happened, and the first few for messages.
+pub struct Background {
+    pub ok: AtomicU64,
+    pub failed: AtomicU64,
+    pub first_failure: Mutex<Option<std::time::Instant>>,
+    pub last_failure: Mutex<Option<std::time::Instant>>,
+    /// The first few failures (status and body, or the client error).
+    pub samples: Mutex<Vec<String>>,
+    stopping: std::sync::atomic::AtomicBool,
+}
+
+/// Start `GET /pay` loops against `upstream` (a sidecar's upstream listener).
+pub fn background(upstream: SocketAddr, workers: usize) -> Arc<Background> {
+    let b = Arc::new(Background {
+        ok: AtomicU64::new(0),
+        failed: AtomicU64::new(0),
+        first_failure: Mutex::new(None),
+        last_failure: Mutex::new(None),
+        samples: Mutex::new(Vec::new()),
+        stopping: std::sync::atomic::AtomicBool::new(false),
+    });
+    for _ in 0..workers {
+        let b = b.clone();
+        tokio::spawn(async move {
+            let client = Client::new(upstream);
+            while !b.stopping.load(Ordering::SeqCst) {
+                match client.get("/pay", &[]).await {
+                    Ok(a) if a.status == 200 => {
+                        b.ok.fetch_add(1, Ordering::SeqCst);
+                    }
+                    other => {
+                        b.record_failure(other);
+                        // A failing mesh answers at once; do not spin.
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+            }
+        });
+    }
+    b
+}
+
+impl Background {
+    fn record_failure(&self, answer: Result<Answer, String>) {
+        self.failed.fetch_add(1, Ordering::SeqCst);
+        let now = std::time::Instant::now();
+        self.first_failure.lock().expect("lock").get_or_insert(now);
+        *self.last_failure.lock().expect("lock") = Some(now);
+        let mut samples = self.samples.lock().expect("lock");
+        if samples.len() < 5 {
+            samples.push(match answer {
+                Ok(a) => format!("{} {}", a.status, a.body.trim()),
+                Err(e) => e,
+            });
+        }
+    }
+
+    pub fn ok(&self) -> u64 {
+        self.ok.load(Ordering::SeqCst)
+    }
+
+    pub fn failed(&self) -> u64 {
+        self.failed.load(Ordering::SeqCst)
+    }
+
+    /// Stop the loops (each finishes its current request).
+    pub fn stop(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+    }
+
+    /// Some request succeeded since `before` (waits a little for one);
+    /// returns the new count.
+    pub async fn assert_flows(&self, before: u64, when: &str) -> u64 {
+        let flowed =
+            crate::wait_until(Duration::from_secs(5), || async { self.ok() > before }).await;
+        assert!(flowed, "no successful request {when}");
+        self.ok()
+    }
+
+    pub fn assert_no_failure(&self) {
+        let failed = self.failed();
+        assert_eq!(
+            failed,
+            0,
+            "{failed} failed requests of {}: {:?}",
+            failed + self.ok(),
+            self.samples.lock().expect("lock")
+        );
+    }
+}

@@ -17,7 +17,7 @@ use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -34,7 +34,7 @@ use weft_ca::{Ca, IssuedCert};
 use weft_proxy::identity::CERT_DIR_POLL;
 use weft_proxy::mesh::Protocol;
 use weft_proxy::{CaCredential, IdentitySource, Limits, Sidecar, SidecarConfig};
-use weft_tests::fleet::{BehavingApp, Client};
+use weft_tests::fleet::{background, BehavingApp};
 use weft_tests::*;
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -179,74 +179,6 @@ fn now() -> time::OffsetDateTime {
     time::OffsetDateTime::now_utc()
 }
 
-/// Requests in a loop until `stop`.
-struct Load {
-    ok: AtomicU64,
-    failed: AtomicU64,
-    samples: Mutex<Vec<String>>,
-    stop: AtomicBool,
-}
-
-impl Load {
-    fn ok(&self) -> u64 {
-        self.ok.load(Ordering::SeqCst)
-    }
-
-    /// Some request succeeded since `before` (waits a little for one).
-    async fn assert_flows(&self, before: u64, when: &str) -> u64 {
-        let flowed = wait_until(Duration::from_secs(5), || async { self.ok() > before }).await;
-        assert!(flowed, "no successful request {when}");
-        self.ok()
-    }
-
-    fn assert_no_failure(&self) {
-        let failed = self.failed.load(Ordering::SeqCst);
-        assert_eq!(
-            failed,
-            0,
-            "{failed} failed requests of {}: {:?}",
-            failed + self.ok(),
-            self.samples.lock().expect("lock")
-        );
-    }
-}
-
-fn load(upstream: SocketAddr, workers: usize) -> Arc<Load> {
-    let l = Arc::new(Load {
-        ok: AtomicU64::new(0),
-        failed: AtomicU64::new(0),
-        samples: Mutex::new(Vec::new()),
-        stop: AtomicBool::new(false),
-    });
-    for _ in 0..workers {
-        let l = l.clone();
-        tokio::spawn(async move {
-            let client = Client::new(upstream);
-            while !l.stop.load(Ordering::SeqCst) {
-                match client.get("/pay", &[]).await {
-                    Ok(a) if a.status == 200 => {
-                        l.ok.fetch_add(1, Ordering::SeqCst);
-                    }
-                    other => {
-                        l.failed.fetch_add(1, Ordering::SeqCst);
-                        {
-                            let mut samples = l.samples.lock().expect("lock");
-                            if samples.len() < 5 {
-                                samples.push(match other {
-                                    Ok(a) => format!("{} {}", a.status, a.body.trim()),
-                                    Err(e) => e,
-                                });
-                            }
-                        }
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                    }
-                }
-            }
-        });
-    }
-    l
-}
-
 /// A server sidecar (payment, in front of `app`) with `identity`, and a
 /// client sidecar with `client_creds`.
 async fn pair_with(
@@ -355,7 +287,7 @@ async fn cert_dir_changes_apply_while_traffic_flows_and_bad_files_are_not_applie
         let admin = server.admin_addr;
         assert_eq!(certs(admin).await, (id.clone(), first.serial_hex.clone()));
         settle_watcher().await;
-        let l = load(client.upstream_addrs["payment"], 2);
+        let l = background(client.upstream_addrs["payment"], 2);
         let mut ok = l.assert_flows(0, "before any change").await;
         let (success0, failure0) = (
             renewals(admin, "success").await,
@@ -443,7 +375,7 @@ async fn cert_dir_changes_apply_while_traffic_flows_and_bad_files_are_not_applie
         assert_eq!(serial_of(&leaf), fourth.serial_hex);
         l.assert_flows(ok, "after the per-file rewrite").await;
 
-        l.stop.store(true, Ordering::SeqCst);
+        l.stop();
         l.assert_no_failure();
         assert!(app.requests() >= l.ok());
     })

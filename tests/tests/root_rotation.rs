@@ -17,15 +17,14 @@
 use std::cell::RefCell;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rustls_pki_types::CertificateDer;
 use tokio::net::TcpListener;
 use weft_ca::Ca;
 use weft_proxy::{CaCredential, IdentitySource, Limits, Sidecar, SidecarConfig};
-use weft_tests::fleet::{BehavingApp, Client};
+use weft_tests::fleet::{background, BehavingApp};
 use weft_tests::*;
 
 /// Whole-test bound.
@@ -115,58 +114,6 @@ async fn renewals(admin: SocketAddr) -> f64 {
         "weft_cert_renewals_total",
         &[("result", "success")],
     )
-}
-
-/// Requests in a loop until `stop`: how many succeeded and failed.
-struct Load {
-    ok: AtomicU64,
-    failed: AtomicU64,
-    /// The first few failures, for the assertion message.
-    samples: Mutex<Vec<String>>,
-    stop: AtomicBool,
-}
-
-impl Load {
-    fn ok(&self) -> u64 {
-        self.ok.load(Ordering::SeqCst)
-    }
-}
-
-fn load(upstream: SocketAddr, workers: usize) -> Arc<Load> {
-    let l = Arc::new(Load {
-        ok: AtomicU64::new(0),
-        failed: AtomicU64::new(0),
-        samples: Mutex::new(Vec::new()),
-        stop: AtomicBool::new(false),
-    });
-    for _ in 0..workers {
-        let l = l.clone();
-        tokio::spawn(async move {
-            let client = Client::new(upstream);
-            while !l.stop.load(Ordering::SeqCst) {
-                match client.get("/pay", &[]).await {
-                    Ok(a) if a.status == 200 => {
-                        l.ok.fetch_add(1, Ordering::SeqCst);
-                    }
-                    other => {
-                        l.failed.fetch_add(1, Ordering::SeqCst);
-                        {
-                            let mut samples = l.samples.lock().expect("lock");
-                            if samples.len() < 5 {
-                                samples.push(match other {
-                                    Ok(a) => format!("{} {}", a.status, a.body.trim()),
-                                    Err(e) => e,
-                                });
-                            }
-                        }
-                        // A failing mesh answers at once; do not spin.
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                    }
-                }
-            }
-        });
-    }
-    l
 }
 
 /// Handshake with the sidecar at `addr` trusting only `roots`, presenting
@@ -287,7 +234,7 @@ async fn wait_certs(
 }
 
 /// Traffic flowed since `before`; returns the new count.
-fn assert_flowed(l: &Load, before: u64, phase: &str) -> u64 {
+fn assert_flowed(l: &weft_tests::fleet::Background, before: u64, phase: &str) -> u64 {
     let now = l.ok();
     assert!(
         now > before,
@@ -310,7 +257,7 @@ async fn root_rotation_procedure_under_load_fails_no_request() {
         let url = format!("https://{ca_addr}");
         let old_task = serve(old.clone(), listener);
         let (client, server, app) = pair(&old, &url).await;
-        let l = load(client.upstream_addrs["payment"], 4);
+        let l = background(client.upstream_addrs["payment"], 4);
         assert!(
             wait_until(PHASE, || async { l.ok() >= 50 }).await,
             "no traffic through the mesh before the rotation"
@@ -472,8 +419,8 @@ async fn root_rotation_procedure_under_load_fails_no_request() {
         }
         assert_flowed(&l, ok, "the renewals after the rotation");
 
-        l.stop.store(true, Ordering::SeqCst);
-        let (ok, failed) = (l.ok(), l.failed.load(Ordering::SeqCst));
+        l.stop();
+        let (ok, failed) = (l.ok(), l.failed());
         assert_eq!(
             failed,
             0,
