@@ -10,6 +10,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::mesh::Mesh;
 use crate::sidecar::{CaCredential, IdentitySource, Limits, SidecarConfig};
+use crate::trace::TraceConfig;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -99,6 +100,51 @@ pub struct SidecarArgs {
     /// Concurrent inbound QUIC connections.
     #[arg(long, env = "WEFT_MAX_CONNECTIONS", default_value_t = Limits::default().max_connections)]
     pub max_connections: usize,
+    #[command(flatten)]
+    pub tracing: TraceArgs,
+}
+
+/// Tracing flags (see docs/tracing.md). Tracing is off unless an endpoint is given.
+#[derive(Debug, Args)]
+pub struct TraceArgs {
+    /// Send spans as OTLP/HTTP protobuf to URL (e.g. http://127.0.0.1:4318/v1/traces; Jaeger reads it).
+    #[arg(long, env = "WEFT_TRACE_OTLP_ENDPOINT", value_name = "URL")]
+    pub trace_otlp_endpoint: Option<String>,
+    /// Send spans as Zipkin v2 JSON to URL (e.g. http://127.0.0.1:9411/api/v2/spans).
+    #[arg(long, env = "WEFT_TRACE_ZIPKIN_ENDPOINT", value_name = "URL")]
+    pub trace_zipkin_endpoint: Option<String>,
+    /// Share of new traces recorded (0.0..=1.0); a caller's sampled flag is always followed.
+    #[arg(long, env = "WEFT_TRACE_SAMPLE_RATIO", value_name = "RATIO", default_value_t = TraceConfig::default().sample_ratio)]
+    pub trace_sample_ratio: f64,
+    /// `service.name` of this sidecar's spans [default: the service account of its SPIFFE ID].
+    #[arg(long, env = "WEFT_TRACE_SERVICE_NAME", value_name = "NAME")]
+    pub trace_service_name: Option<String>,
+    /// Spans waiting for export; more are dropped (weft_trace_spans_dropped_total).
+    #[arg(long, env = "WEFT_TRACE_QUEUE_SPANS", value_name = "N", default_value_t = TraceConfig::default().queue_spans)]
+    pub trace_queue_spans: usize,
+    /// Spans per export request.
+    #[arg(long, env = "WEFT_TRACE_BATCH_SPANS", value_name = "N", default_value_t = TraceConfig::default().batch_spans)]
+    pub trace_batch_spans: usize,
+    /// Longest a span waits for its batch (e.g. 1s, 200ms).
+    #[arg(long, env = "WEFT_TRACE_BATCH_INTERVAL", value_name = "DURATION", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub trace_batch_interval: Duration,
+}
+
+impl TraceArgs {
+    fn into_config(self) -> Result<TraceConfig, String> {
+        let cfg = TraceConfig {
+            otlp_endpoint: self.trace_otlp_endpoint,
+            zipkin_endpoint: self.trace_zipkin_endpoint,
+            sample_ratio: self.trace_sample_ratio,
+            service_name: self.trace_service_name,
+            queue_spans: self.trace_queue_spans,
+            batch_spans: self.trace_batch_spans,
+            batch_interval: self.trace_batch_interval,
+            ..TraceConfig::default()
+        };
+        cfg.validate().map_err(|e| e.to_string())?;
+        Ok(cfg)
+    }
 }
 
 fn parse_upstream(s: &str) -> Result<(String, SocketAddr), String> {
@@ -165,6 +211,7 @@ impl SidecarArgs {
                 max_streams_per_connection: self.max_streams_per_connection,
                 max_connections: self.max_connections,
             },
+            tracing: self.tracing.into_config()?,
         })
     }
 }

@@ -105,6 +105,7 @@ async fn run_in(dir: &std::path::Path, duration: Option<Duration>) -> anyhow::Re
                 app,
                 upstreams,
                 limits: Limits::default(),
+                tracing: Default::default(),
             };
             anyhow::Ok(Sidecar::start(cfg).await?)
         }

@@ -137,9 +137,12 @@ type ServerStream = h3::server::RequestStream<h3_quinn::BidiStream<Bytes>, Bytes
 async fn h3_request(ctx: Arc<Ctx>, peer: &SpiffeId, req: Request<()>, stream: ServerStream) {
     let start = Instant::now();
     let service = req.uri().host().map(str::to_string).unwrap_or_default();
+    let mut req = req;
+    let span = ctx.tracer.server(&service, peer.as_str(), &mut req);
     let (mut send, recv) = stream.split();
     let resp = forward_to_app(&ctx, peer, &service, req, recv).await;
     let status = resp.status();
+    span.finish(&ctx.tracer, &resp);
     let m = &ctx.metrics;
     let svc_label = if ctx.state.load().service(&service).is_some() {
         service.clone()

@@ -21,6 +21,8 @@ pub mod replay;
 pub mod retry;
 pub mod route;
 pub mod sidecar;
+pub mod trace;
 
 pub use mesh::Mesh;
 pub use sidecar::{CaCredential, IdentitySource, Limits, Sidecar, SidecarConfig};
+pub use trace::TraceConfig;

@@ -56,6 +56,13 @@ pub struct ResultLabels {
     pub result: &'static str,
 }
 
+/// Span export: the format (`otlp`, `zipkin`) and the result.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TraceExportLabels {
+    pub format: &'static str,
+    pub result: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AuthzLabels {
     pub service: String,
@@ -114,6 +121,9 @@ pub struct Metrics {
     pub quic_active: Family<QuicLabels, Gauge>,
     pub quic_handshake_failures: Family<QuicLabels, Counter>,
     pub refused: Family<ReasonLabels, Counter>,
+    pub trace_spans_dropped: Family<ReasonLabels, Counter>,
+    pub trace_spans_exported: Family<TraceExportLabels, Counter>,
+    pub trace_export_batches: Family<TraceExportLabels, Counter>,
     pub config_reloads: Family<ResultLabels, Counter>,
     pub retries: Family<RouteReasonLabels, Counter>,
     pub retry_budget_exhausted: Family<RouteLabels, Counter>,
@@ -141,6 +151,9 @@ impl Metrics {
             quic_active: Family::default(),
             quic_handshake_failures: Family::default(),
             refused: Family::default(),
+            trace_spans_dropped: Family::default(),
+            trace_spans_exported: Family::default(),
+            trace_export_batches: Family::default(),
             config_reloads: Family::default(),
             retries: Family::default(),
             retry_budget_exhausted: Family::default(),
@@ -203,6 +216,21 @@ impl Metrics {
             "weft_refused",
             "Connections, streams or requests refused, by reason",
             m.refused.clone(),
+        );
+        r.register(
+            "weft_trace_spans_dropped",
+            "Spans not exported, by reason (queue_full: the export queue was full; export_failed: the collector refused or did not answer)",
+            m.trace_spans_dropped.clone(),
+        );
+        r.register(
+            "weft_trace_spans_exported",
+            "Spans a collector accepted, by format (otlp, zipkin)",
+            m.trace_spans_exported.clone(),
+        );
+        r.register(
+            "weft_trace_export_batches",
+            "Span export requests by format and result (success, failure)",
+            m.trace_export_batches.clone(),
         );
         r.register(
             "weft_config_reloads",

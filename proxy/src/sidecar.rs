@@ -93,6 +93,8 @@ pub struct SidecarConfig {
     /// Local TCP listeners for the app: (service, listen address).
     pub upstreams: Vec<(String, SocketAddr)>,
     pub limits: Limits,
+    /// Spans and trace headers (off unless an export endpoint is set).
+    pub tracing: crate::trace::TraceConfig,
 }
 
 /// Start-up failures. Each says what to fix.
@@ -112,6 +114,8 @@ pub enum SidecarError {
     },
     #[error("--upstream {0}: no such service in the mesh file")]
     UnknownUpstream(String),
+    #[error("tracing: {0}")]
+    Tracing(#[from] crate::trace::TraceError),
 }
 
 pub(crate) type H3Sender = h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>;
@@ -140,6 +144,7 @@ pub(crate) struct Ctx {
     pub ready: AtomicBool,
     pub drain: watch::Receiver<bool>,
     pub effective: serde_json::Value,
+    pub tracer: crate::trace::Tracer,
 }
 
 impl Ctx {
@@ -249,7 +254,13 @@ impl Sidecar {
             "app": cfg.app.map(|a| a.to_string()),
             "upstreams": cfg.upstreams.iter().map(|(s, a)| (s.clone(), a.to_string())).collect::<BTreeMap<_, _>>(),
             "limits": cfg.limits,
+            "tracing": cfg.tracing,
         });
+        let (tracer, exporter) = crate::trace::Tracer::new(
+            &cfg.tracing,
+            crate::trace::Resource::of(&cfg.tracing, &tls.identity()),
+            metrics.clone(),
+        )?;
         let ctx = Arc::new(Ctx {
             state: ArcSwap::from_pointee(State::new(cfg.mesh.clone(), None)),
             tls,
@@ -263,9 +274,13 @@ impl Sidecar {
             ready: AtomicBool::new(false),
             drain,
             effective,
+            tracer,
         });
 
         crate::identity::publish_expiry(&ctx);
+        if let Some(exporter) = exporter {
+            ctx.spawn(exporter);
+        }
         let mut tasks = vec![
             ctx.spawn(crate::inbound::accept_loop(ctx.clone(), endpoint.clone())),
             ctx.spawn(crate::identity::maintain(

@@ -100,6 +100,7 @@ pub async fn sidecar(
             .map(|s| (s.to_string(), any_port()))
             .collect(),
         limits,
+        tracing: Default::default(),
     })
     .await
     .expect("sidecar starts")

@@ -195,6 +195,7 @@ async fn pair_with(
         app: Some(app),
         upstreams: vec![],
         limits: Limits::default(),
+        tracing: Default::default(),
     })
     .await
     .expect("server sidecar starts");
@@ -405,6 +406,7 @@ async fn cert_dir_files_replaced_right_after_start_are_applied() {
             app: None,
             upstreams: vec![],
             limits: Limits::default(),
+            tracing: Default::default(),
         })
         .await
         .expect("sidecar starts");
@@ -499,6 +501,7 @@ async fn not_yet_valid_certificates_are_refused() {
             app: None,
             upstreams: vec![],
             limits: Limits::default(),
+            tracing: Default::default(),
         })
         .await;
         let err = started
@@ -520,6 +523,7 @@ async fn not_yet_valid_certificates_are_refused() {
             app: None,
             upstreams: vec![],
             limits: Limits::default(),
+            tracing: Default::default(),
         })
         .await
         .expect("a sidecar starts on a valid certificate");
@@ -890,6 +894,7 @@ async fn a_sidecar_with_a_kubernetes_token_gets_its_service_accounts_identity() 
             app: None,
             upstreams: vec![],
             limits: Limits::default(),
+            tracing: Default::default(),
         })
         .await
         .err()

@@ -69,6 +69,7 @@ async fn pair(ca: &Ca, url: &str) -> (Sidecar, Sidecar, BehavingApp) {
             app,
             upstreams,
             limits: Limits::default(),
+            tracing: Default::default(),
         };
         async move { Sidecar::start(cfg).await.expect("sidecar starts") }
     };

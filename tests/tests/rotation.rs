@@ -94,6 +94,7 @@ async fn pair(ca: &CaService) -> (Sidecar, Sidecar, BehavingApp) {
             app,
             upstreams,
             limits: Limits::default(),
+            tracing: Default::default(),
         };
         async move { Sidecar::start(cfg).await.expect("sidecar starts") }
     };

@@ -5,6 +5,7 @@
 //! remaining time travels to the peer in `x-weft-deadline-ms`.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Instant as StdInstant;
 
@@ -37,6 +38,8 @@ struct Handled {
     resp: Response<ProxyBody>,
     peer: String,
     route: String,
+    /// Tries sent to peers (0: answered before any, e.g. an injected fault).
+    attempts: u32,
 }
 
 pub(super) async fn request(
@@ -46,13 +49,18 @@ pub(super) async fn request(
 ) -> Response<ProxyBody> {
     let start = StdInstant::now();
     let version = req.version();
+    let mut req = req;
+    let span = ctx.tracer.client(&service, &mut req);
     let Handled {
         mut resp,
         peer,
         route,
+        attempts,
     } = handle(&ctx, &service, req).await;
     // The response goes back on the app's connection, in the app's HTTP version.
     *resp.version_mut() = version;
+    crate::trace::client_done(span, &ctx.tracer, &resp, &route, &peer, attempts);
+
     let m = &ctx.metrics;
     m.requests
         .get_or_create(&RequestLabels {
@@ -78,6 +86,7 @@ async fn handle(ctx: &Arc<Ctx>, service: &str, req: Request<Incoming>) -> Handle
         resp,
         peer: String::new(),
         route: route.to_string(),
+        attempts: 0,
     };
     let Some(svc) = state.service(service) else {
         let msg = format!("weft: service {service} is no longer in the mesh");
@@ -206,12 +215,14 @@ async fn handle(ctx: &Arc<Ctx>, service: &str, req: Request<Incoming>) -> Handle
         parts: &parts,
         root: &root,
         deadline,
+        attempts: AtomicU32::new(0),
     };
     let (resp, peer) = tries.run(permit).await;
     Handled {
         resp,
         peer,
         route: route.name.clone(),
+        attempts: tries.attempts.load(Ordering::Relaxed),
     }
 }
 
@@ -243,6 +254,8 @@ struct Tries<'a> {
     parts: &'a Parts,
     root: &'a ReplayBody,
     deadline: Option<Instant>,
+    /// Tries started so far (for the request's span).
+    attempts: AtomicU32,
 }
 
 /// Why a try ended without a response to return or retry.
@@ -294,6 +307,7 @@ impl Tries<'_> {
                 );
             };
             tried.push(ep.addr());
+            self.attempts.fetch_add(1, Ordering::Relaxed);
             let try_deadline = earliest(self.deadline, policy.per_try_timeout.map(|t| now + t));
             let in_flight = ep.start();
             let Some(body) = self.root.replay() else {
