@@ -49,13 +49,28 @@ fn handle(ctx: &Ctx, req: Request<Incoming>) -> Response<ProxyBody> {
             }
         }
         "/metrics" => {
-            let mut r = text(StatusCode::OK, ctx.metrics.encode());
-            r.headers_mut().insert(
-                "content-type",
-                http::HeaderValue::from_static(
+            // OpenMetrics for scrapers that ask for it (Prometheus does);
+            // the classic text format for everyone else (curl, promtool).
+            let openmetrics = req
+                .headers()
+                .get_all(http::header::ACCEPT)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .any(|v| v.contains("application/openmetrics-text"));
+            let (body, content_type) = if openmetrics {
+                (
+                    ctx.metrics.encode(),
                     "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                ),
-            );
+                )
+            } else {
+                (
+                    ctx.metrics.encode_prometheus(),
+                    "text/plain; version=0.0.4; charset=utf-8",
+                )
+            };
+            let mut r = text(StatusCode::OK, body);
+            r.headers_mut()
+                .insert("content-type", http::HeaderValue::from_static(content_type));
             r
         }
         "/config" => {

@@ -51,6 +51,49 @@ pub fn boxed(body: ChannelBody) -> ProxyBody {
     body.boxed_unsync()
 }
 
+/// A body that adds the length of each data frame to a counter as it
+/// passes (`weft_request_bytes_total`, `weft_response_bytes_total`): one
+/// atomic add per frame, nothing buffered.
+pub struct Counted {
+    inner: ProxyBody,
+    counter: prometheus_client::metrics::counter::Counter,
+}
+
+/// `body`, counting its data bytes into `counter`.
+pub fn counted(
+    body: ProxyBody,
+    counter: prometheus_client::metrics::counter::Counter,
+) -> ProxyBody {
+    Counted {
+        inner: body,
+        counter,
+    }
+    .boxed_unsync()
+}
+
+impl Body for Counted {
+    type Data = Bytes;
+    type Error = BoxError;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(data) = frame.data_ref() {
+                self.counter.inc_by(data.len() as u64);
+            }
+        }
+        polled
+    }
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// Why a pump stopped early.
 #[derive(Debug, thiserror::Error)]
 pub enum PumpError {

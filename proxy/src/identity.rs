@@ -113,19 +113,48 @@ pub(crate) async fn obtain(src: &IdentitySource) -> Result<Obtained, SidecarErro
     }
 }
 
+/// A certificate request that failed, and its `weft_ca_requests_total` result.
+struct CaFailure {
+    message: String,
+    result: &'static str,
+}
+
+impl std::fmt::Display for CaFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl From<weft_ca::CaError> for CaFailure {
+    fn from(e: weft_ca::CaError) -> Self {
+        use weft_ca::CaError;
+        let result = match &e {
+            // The CA answered, and said no (bad credential, rate limit, …).
+            CaError::Rejected { .. } => "refused",
+            CaError::Connect { .. } | CaError::Timeout(_) => "unavailable",
+            _ => "error",
+        };
+        CaFailure {
+            message: e.to_string(),
+            result,
+        }
+    }
+}
+
 /// Ask the CA for a certificate with the start-up credential.
-async fn with_credential(url: &str, bundle: &str, cred: &CaCredential) -> Result<Pem, String> {
+async fn with_credential(url: &str, bundle: &str, cred: &CaCredential) -> Result<Pem, CaFailure> {
     let token = match cred {
         CaCredential::JoinToken(t) => t.trim().to_string(),
         // Projected tokens rotate: read the file each time.
         CaCredential::KubernetesTokenFile(path) => std::fs::read_to_string(path)
-            .map_err(|e| format!("reading the Kubernetes token {}: {e}", path.display()))?
+            .map_err(|e| CaFailure {
+                message: format!("reading the Kubernetes token {}: {e}", path.display()),
+                result: "error",
+            })?
             .trim()
             .to_string(),
     };
-    let issued = weft_ca::client::request_certificate(url, bundle, &token)
-        .await
-        .map_err(|e| e.to_string())?;
+    let issued = weft_ca::client::request_certificate(url, bundle, &token).await?;
     Ok(Pem {
         chain: issued.cert_chain_pem,
         key: issued.key_pem,
@@ -192,7 +221,11 @@ pub(crate) async fn maintain(ctx: Arc<Ctx>, src: IdentitySource, kept: Kept) {
                 url, credential, ..
             },
             Kept::Pem(pem),
-        ) => renew_loop(ctx, url, credential, pem).await,
+        ) => {
+            // Start-up got its certificate before the metrics existed.
+            count_ca(&ctx, "issued");
+            renew_loop(ctx, url, credential, pem).await
+        }
         _ => {}
     }
 }
@@ -211,7 +244,7 @@ async fn renew_loop(ctx: Arc<Ctx>, url: String, credential: CaCredential, mut pe
         tokio::time::sleep(wait).await;
         let mut failures = 0u32;
         loop {
-            match renew_once(&url, &credential, &pem).await {
+            match renew_once(&ctx, &url, &credential, &pem).await {
                 Ok(next) => match apply(&ctx, &next) {
                     Ok(()) => {
                         pem = next;
@@ -242,18 +275,36 @@ async fn renew_loop(ctx: Arc<Ctx>, url: String, credential: CaCredential, mut pe
 }
 
 /// One renewal: with the current certificate, else the start-up credential.
-async fn renew_once(url: &str, credential: &CaCredential, pem: &Pem) -> Result<Pem, String> {
+/// Each request to the CA is counted in `weft_ca_requests_total`.
+async fn renew_once(
+    ctx: &Ctx,
+    url: &str,
+    credential: &CaCredential,
+    pem: &Pem,
+) -> Result<Pem, String> {
     match weft_ca::client::renew_certificate(url, &pem.bundle, &pem.chain, &pem.key).await {
-        Ok(issued) => Ok(Pem {
-            chain: issued.cert_chain_pem,
-            key: issued.key_pem,
-            bundle: issued.bundle_pem,
-        }),
-        Err(by_cert) => with_credential(url, &pem.bundle, credential)
-            .await
-            .map_err(|by_cred| {
-                format!("with the current certificate: {by_cert}; with the start-up credential: {by_cred}")
-            }),
+        Ok(issued) => {
+            count_ca(ctx, "issued");
+            Ok(Pem {
+                chain: issued.cert_chain_pem,
+                key: issued.key_pem,
+                bundle: issued.bundle_pem,
+            })
+        }
+        Err(by_cert) => {
+            let by_cert = CaFailure::from(by_cert);
+            count_ca(ctx, by_cert.result);
+            match with_credential(url, &pem.bundle, credential).await {
+                Ok(pem) => {
+                    count_ca(ctx, "issued");
+                    Ok(pem)
+                }
+                Err(by_cred) => {
+                    count_ca(ctx, by_cred.result);
+                    Err(format!("with the current certificate: {by_cert}; with the start-up credential: {by_cred}"))
+                }
+            }
+        }
     }
 }
 
@@ -342,6 +393,14 @@ fn check_dir(ctx: &Ctx, dir: &Path, applied: &mut Vec<u8>, bad: &mut Option<(Vec
             _ => *bad = Some((joined, false)),
         },
     }
+}
+
+/// `weft_ca_requests_total{result}`: issued, refused, unavailable, error.
+fn count_ca(ctx: &Ctx, result: &'static str) {
+    ctx.metrics
+        .ca_requests
+        .get_or_create(&ResultLabels { result })
+        .inc();
 }
 
 fn count(ctx: &Ctx, result: &'static str) {

@@ -17,7 +17,7 @@ use weft_transport::{MeshEndpoint, SpiffeId, ALPN_H3, ALPN_L4};
 
 use crate::body::{self, ChannelBody};
 use crate::headers;
-use crate::metrics::{DurationLabels, QuicLabels, RequestLabels, TcpLabels, INBOUND};
+use crate::metrics::{DurationLabels, QuicLabels, RequestLabels, StreamCount, TcpLabels, INBOUND};
 use crate::sidecar::Ctx;
 
 /// A peer must send its stream preamble within this time.
@@ -85,17 +85,23 @@ async fn connection(ctx: Arc<Ctx>, conn: quinn::Connection) {
     let active = ctx.metrics.quic_active.get_or_create(&labels).clone();
     active.inc();
     ctx.inbound_connections.fetch_add(1, Ordering::Relaxed);
+    let streams = ctx.metrics.quic_peers.track(INBOUND, peer.as_str(), &conn);
     tracing::debug!(%peer, remote = %conn.remote_address(), alpn = alpn_label, "peer connected");
     if alpn_label == "h3" {
-        h3_connection(&ctx, conn, peer).await;
+        h3_connection(&ctx, conn, peer, streams).await;
     } else {
-        l4_connection(&ctx, conn, peer).await;
+        l4_connection(&ctx, conn, peer, streams).await;
     }
     ctx.inbound_connections.fetch_sub(1, Ordering::Relaxed);
     active.dec();
 }
 
-async fn h3_connection(ctx: &Arc<Ctx>, conn: quinn::Connection, peer: SpiffeId) {
+async fn h3_connection(
+    ctx: &Arc<Ctx>,
+    conn: quinn::Connection,
+    peer: SpiffeId,
+    streams: StreamCount,
+) {
     let mut h3conn = match h3::server::builder()
         .max_field_section_size(ctx.limits.max_header_bytes as u64)
         .build::<_, Bytes>(h3_quinn::Connection::new(conn))
@@ -113,7 +119,9 @@ async fn h3_connection(ctx: &Arc<Ctx>, conn: quinn::Connection, peer: SpiffeId) 
             Ok(Some(resolver)) => {
                 let ctx2 = ctx.clone();
                 let peer = peer.clone();
+                let open = streams.open();
                 ctx.spawn(async move {
+                    let _open = open;
                     match resolver.resolve_request().await {
                         Ok((req, stream)) => h3_request(ctx2, &peer, req, stream).await,
                         Err(e) => {
@@ -150,6 +158,7 @@ async fn h3_request(ctx: Arc<Ctx>, peer: &SpiffeId, req: Request<()>, stream: Se
         // Do not let callers mint label values.
         "unknown".to_string()
     };
+    let response_bytes = m.response_bytes_of(INBOUND, &svc_label);
     m.requests
         .get_or_create(&RequestLabels {
             direction: INBOUND,
@@ -171,6 +180,7 @@ async fn h3_request(ctx: Arc<Ctx>, peer: &SpiffeId, req: Request<()>, stream: Se
         tracing::debug!(%peer, error = %e, "sending response head failed");
         return;
     }
+    let body = body::counted(body, response_bytes);
     if let Err(e) = body::body_to_h3(body, &mut send).await {
         tracing::debug!(%peer, error = %e, "response body ended early");
     }
@@ -241,7 +251,8 @@ async fn forward_to_app(
     }
     let (tx, chan) = ChannelBody::new();
     let pump = tokio::spawn(body::h3_to_channel(recv, tx));
-    let req = Request::from_parts(parts, body::boxed(chan));
+    let counter = ctx.metrics.request_bytes_of(INBOUND, service);
+    let req = Request::from_parts(parts, body::counted(body::boxed(chan), counter));
     let call = ctx.app_client.request(req);
     let result = match deadline {
         Some(d) => match tokio::time::timeout(d, call).await {
@@ -290,14 +301,23 @@ async fn forward_to_app(
     }
 }
 
-async fn l4_connection(ctx: &Arc<Ctx>, conn: quinn::Connection, peer: SpiffeId) {
+async fn l4_connection(
+    ctx: &Arc<Ctx>,
+    conn: quinn::Connection,
+    peer: SpiffeId,
+    streams: StreamCount,
+) {
     let peer = Arc::new(peer);
     loop {
         match conn.accept_bi().await {
             Ok((send, recv)) => {
                 let ctx2 = ctx.clone();
                 let peer = peer.clone();
-                ctx.spawn(async move { l4_stream(ctx2, &peer, send, recv).await });
+                let open = streams.open();
+                ctx.spawn(async move {
+                    let _open = open;
+                    l4_stream(ctx2, &peer, send, recv).await
+                });
             }
             Err(e) => {
                 tracing::debug!(peer = %peer, error = %e, "L4 connection ended");

@@ -4,6 +4,8 @@
 //! end in `_total`; labels are low-cardinality (service names, mesh
 //! identities, status codes).
 
+mod quic;
+
 use std::sync::Arc;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -12,6 +14,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+
+pub use quic::{OpenStream, PeerLabels, QuicCollector, QuicPeers, StreamCount};
 
 pub const OUTBOUND: &str = "outbound";
 pub const INBOUND: &str = "inbound";
@@ -27,6 +31,7 @@ pub struct RequestLabels {
     pub status: u16,
 }
 
+/// Direction and service: request durations and body bytes.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DurationLabels {
     pub direction: &'static str,
@@ -101,11 +106,18 @@ pub struct MirrorLabels {
     pub result: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BuildLabels {
+    pub version: &'static str,
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn latency_histogram() -> Histogram {
-    // 0.5 ms .. ~16 s in doublings: covers loopback hops and slow backends.
-    Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+    // 50 µs .. ~26 s in doublings (20 buckets): a sidecar hop on loopback
+    // takes a few hundred µs, so the low buckets resolve mesh overhead
+    // (outbound minus inbound duration); the high ones cover slow backends.
+    Histogram::new(exponential_buckets(0.000_05, 2.0, 20))
 }
 
 /// All metrics of one sidecar.
@@ -135,6 +147,12 @@ pub struct Metrics {
     pub cert_expiry: Gauge,
     pub cert_renewals: Family<ResultLabels, Counter>,
     pub authz_denied: Family<AuthzLabels, Counter>,
+    pub request_bytes: Family<DurationLabels, Counter>,
+    pub response_bytes: Family<DurationLabels, Counter>,
+    pub ca_requests: Family<ResultLabels, Counter>,
+    pub build_info: Family<BuildLabels, Gauge>,
+    /// QUIC connections by peer, read at scrape time.
+    pub quic_peers: Arc<QuicPeers>,
 }
 
 impl Metrics {
@@ -165,6 +183,11 @@ impl Metrics {
             cert_expiry: Gauge::default(),
             cert_renewals: Family::default(),
             authz_denied: Family::default(),
+            request_bytes: Family::default(),
+            response_bytes: Family::default(),
+            ca_requests: Family::default(),
+            build_info: Family::default(),
+            quic_peers: Arc::new(QuicPeers::default()),
         };
         let r = &mut m.registry;
         r.register(
@@ -287,6 +310,32 @@ impl Metrics {
             "Inbound requests and streams refused by the service's authorization policy",
             m.authz_denied.clone(),
         );
+        r.register(
+            "weft_request_bytes",
+            "HTTP request body bytes proxied (outbound: read from the app; inbound: from the peer)",
+            m.request_bytes.clone(),
+        );
+        r.register(
+            "weft_response_bytes",
+            "HTTP response body bytes proxied (outbound: delivered to the app; inbound: read from the app)",
+            m.response_bytes.clone(),
+        );
+        r.register(
+            "weft_ca_requests",
+            "Certificate requests this sidecar sent to weft-ca, by result (issued, refused, unavailable, error)",
+            m.ca_requests.clone(),
+        );
+        r.register(
+            "weft_build_info",
+            "Always 1; the version label says which weft build runs",
+            m.build_info.clone(),
+        );
+        m.build_info
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION"),
+            })
+            .set(1);
+        r.register_collector(Box::new(QuicCollector(m.quic_peers.clone())));
         Arc::new(m)
     }
 
@@ -298,9 +347,75 @@ impl Metrics {
         out
     }
 
+    /// The registry in the Prometheus text format 0.0.4, for scrapers that
+    /// do not ask for OpenMetrics (`promtool check metrics`, curl, older
+    /// agents). Same samples; only the family names of counters differ.
+    pub fn encode_prometheus(&self) -> String {
+        openmetrics_to_prometheus(&self.encode())
+    }
+
     pub fn refuse(&self, reason: &'static str) {
         self.refused.get_or_create(&ReasonLabels { reason }).inc();
     }
+
+    /// The `weft_request_bytes_total` counter of one direction and service
+    /// (a handle: count with [`crate::body::counted`]).
+    pub fn request_bytes_of(&self, direction: &'static str, service: &str) -> Counter {
+        self.request_bytes
+            .get_or_create(&DurationLabels {
+                direction,
+                service: service.to_string(),
+            })
+            .clone()
+    }
+
+    /// The `weft_response_bytes_total` counter of one direction and service.
+    pub fn response_bytes_of(&self, direction: &'static str, service: &str) -> Counter {
+        self.response_bytes
+            .get_or_create(&DurationLabels {
+                direction,
+                service: service.to_string(),
+            })
+            .clone()
+    }
+}
+
+/// Rewrite an OpenMetrics exposition (as prometheus-client writes it) as
+/// Prometheus text 0.0.4: a counter family is named after its samples
+/// (`weft_requests_total`, not `weft_requests`), `unknown` is `untyped`,
+/// and there are no `# UNIT` or `# EOF` lines. Sample lines are unchanged.
+pub fn openmetrics_to_prometheus(om: &str) -> String {
+    let counters: std::collections::HashSet<&str> = om
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let family = |name: &str| -> String {
+        if counters.contains(name) && !name.ends_with("_total") {
+            format!("{name}_total")
+        } else {
+            name.to_string()
+        }
+    };
+    let mut out = String::with_capacity(om.len());
+    for line in om.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let rewritten = if let Some(rest) = line.strip_prefix("# HELP ") {
+            let (name, help) = rest.split_once(' ').unwrap_or((rest, ""));
+            format!("# HELP {} {help}", family(name))
+        } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap_or((rest, "untyped"));
+            let kind = if kind == "unknown" { "untyped" } else { kind };
+            format!("# TYPE {} {kind}", family(name))
+        } else {
+            line.to_string()
+        };
+        out.push_str(&rewritten);
+        out.push('\n');
+    }
+    out
 }
 
 /// One sample of a text exposition: name, labels, value.
@@ -400,6 +515,64 @@ mod tests {
         assert_eq!(
             sum(&samples, "weft_refused_total", &[("reason", "other")]),
             0.0
+        );
+    }
+
+    #[test]
+    fn prometheus_text_names_counter_families_after_their_samples() {
+        let m = Metrics::new();
+        m.request_bytes_of(OUTBOUND, "payment").inc_by(42);
+        let om = m.encode();
+        assert!(om.contains("# TYPE weft_request_bytes counter\n"));
+        assert!(om.ends_with("# EOF\n"));
+        let text = m.encode_prometheus();
+        assert!(text.contains("# TYPE weft_request_bytes_total counter\n"));
+        assert!(text.contains("# HELP weft_request_bytes_total HTTP request body bytes"));
+        assert!(text.contains("# TYPE weft_request_duration_seconds histogram\n"));
+        assert!(text.contains("# TYPE weft_cert_expiry_timestamp_seconds gauge\n"));
+        assert!(!text.contains("# EOF"));
+        // The samples are the same in both formats.
+        assert_eq!(parse_text(&om), parse_text(&text));
+        assert_eq!(
+            sum(
+                &parse_text(&text),
+                "weft_request_bytes_total",
+                &[("direction", "outbound"), ("service", "payment")]
+            ),
+            42.0
+        );
+    }
+
+    #[test]
+    fn duration_buckets_resolve_tens_of_microseconds_and_build_info_is_set() {
+        let m = Metrics::new();
+        let l = DurationLabels {
+            direction: INBOUND,
+            service: "payment".into(),
+        };
+        m.request_duration.get_or_create(&l).observe(0.000_07);
+        let samples = parse_text(&m.encode_prometheus());
+        let bucket = |le: &str| {
+            sum(
+                &samples,
+                "weft_request_duration_seconds_bucket",
+                &[("service", "payment"), ("le", le)],
+            )
+        };
+        // 70 µs lands in the 100 µs bucket, not the 50 µs one.
+        assert_eq!(bucket("0.00005"), 0.0);
+        assert_eq!(bucket("0.0001"), 1.0);
+        assert!(samples
+            .iter()
+            .any(|s| s.name == "weft_request_duration_seconds_bucket"
+                && s.label("le") == Some("+Inf")));
+        assert_eq!(
+            sum(
+                &samples,
+                "weft_build_info",
+                &[("version", env!("CARGO_PKG_VERSION"))]
+            ),
+            1.0
         );
     }
 }

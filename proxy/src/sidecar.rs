@@ -221,6 +221,7 @@ impl Sidecar {
                         let _ = futures::future::poll_fn(|cx| driver.poll_close(cx)).await;
                     });
                     track_outbound(&metrics, &conn, "h3");
+                    metrics.quic_peers.track(OUTBOUND, &peer, &conn);
                     Ok((sender, peer))
                 })
             })
@@ -231,6 +232,7 @@ impl Sidecar {
             Pool::with_setup(endpoint.clone(), ALPN_L4, move |conn| {
                 track_outbound(&metrics, &conn, "weft-l4");
                 let peer = peer_of(&conn, &td);
+                metrics.quic_peers.track(OUTBOUND, &peer, &conn);
                 Box::pin(async move { Ok(peer) })
             })
         };

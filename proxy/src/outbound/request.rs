@@ -62,6 +62,7 @@ pub(super) async fn request(
     crate::trace::client_done(span, &ctx.tracer, &resp, &route, &peer, attempts);
 
     let m = &ctx.metrics;
+    let resp = resp.map(|b| body::counted(b, m.response_bytes_of(OUTBOUND, &service)));
     m.requests
         .get_or_create(&RequestLabels {
             direction: OUTBOUND,
@@ -196,9 +197,12 @@ async fn handle(ctx: &Arc<Ctx>, service: &str, req: Request<Incoming>) -> Handle
         0
     };
     let root = ReplayBody::new(
-        http_body_util::BodyExt::boxed_unsync(http_body_util::BodyExt::map_err(body, |e| {
-            Box::new(e) as body::BoxError
-        })),
+        body::counted(
+            http_body_util::BodyExt::boxed_unsync(http_body_util::BodyExt::map_err(body, |e| {
+                Box::new(e) as body::BoxError
+            })),
+            ctx.metrics.request_bytes_of(OUTBOUND, service),
+        ),
         keep,
     );
     if let Some(m) = &route.mirror {
