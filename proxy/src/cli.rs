@@ -104,7 +104,7 @@ pub struct SidecarArgs {
     pub tracing: TraceArgs,
 }
 
-/// Tracing flags (see docs/tracing.md). Tracing is off unless an endpoint is given.
+/// Tracing and access log flags (see docs/tracing.md). Tracing is off unless an endpoint is given.
 #[derive(Debug, Args)]
 pub struct TraceArgs {
     /// Send spans as OTLP/HTTP protobuf to URL (e.g. http://127.0.0.1:4318/v1/traces; Jaeger reads it).
@@ -128,6 +128,9 @@ pub struct TraceArgs {
     /// Longest a span waits for its batch (e.g. 1s, 200ms).
     #[arg(long, env = "WEFT_TRACE_BATCH_INTERVAL", value_name = "DURATION", default_value = "1s", value_parser = humantime::parse_duration)]
     pub trace_batch_interval: Duration,
+    /// Write a JSON line per HTTP request and TCP stream to `stderr` or FILE (appended).
+    #[arg(long, env = "WEFT_ACCESS_LOG", value_name = "stderr|FILE")]
+    pub access_log: Option<crate::trace::access_log::AccessLogTarget>,
 }
 
 impl TraceArgs {
@@ -140,6 +143,7 @@ impl TraceArgs {
             queue_spans: self.trace_queue_spans,
             batch_spans: self.trace_batch_spans,
             batch_interval: self.trace_batch_interval,
+            access_log: self.access_log,
             ..TraceConfig::default()
         };
         cfg.validate().map_err(|e| e.to_string())?;

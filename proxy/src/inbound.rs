@@ -147,10 +147,12 @@ async fn h3_request(ctx: Arc<Ctx>, peer: &SpiffeId, req: Request<()>, stream: Se
     let service = req.uri().host().map(str::to_string).unwrap_or_default();
     let mut req = req;
     let span = ctx.tracer.server(&service, peer.as_str(), &mut req);
+    let access = ctx.tracer.http_log(INBOUND, &service, &req);
     let (mut send, recv) = stream.split();
     let resp = forward_to_app(&ctx, peer, &service, req, recv).await;
     let status = resp.status();
     span.finish(&ctx.tracer, &resp);
+    let resp = access.respond(resp, peer.as_str(), None, None);
     let m = &ctx.metrics;
     let svc_label = if ctx.state.load().service(&service).is_some() {
         service.clone()
@@ -416,6 +418,7 @@ async fn l4_stream(
     ctx.metrics.tcp_connections.get_or_create(&labels).inc();
     let active = ctx.metrics.tcp_active.get_or_create(&labels).clone();
     active.inc();
+    let started = (std::time::SystemTime::now(), Instant::now());
     let result = crate::copy::bidi(tcp, send, recv, idle).await;
     active.dec();
     ctx.metrics
@@ -426,6 +429,16 @@ async fn l4_stream(
         .tcp_received_bytes
         .get_or_create(&labels)
         .inc_by(result.to_peer);
+    let error = result.error.as_ref().map(|e| e.to_string());
+    ctx.tracer.tcp_log(
+        INBOUND,
+        &req.target,
+        peer.as_str(),
+        started,
+        result.from_peer,
+        result.to_peer,
+        error,
+    );
     if let Some(e) = result.error {
         tracing::debug!(%peer, service = %req.target, error = %e, "TCP stream ended with error");
     }

@@ -136,6 +136,7 @@ pub struct Metrics {
     pub trace_spans_dropped: Family<ReasonLabels, Counter>,
     pub trace_spans_exported: Family<TraceExportLabels, Counter>,
     pub trace_export_batches: Family<TraceExportLabels, Counter>,
+    pub access_log_dropped: Counter,
     pub config_reloads: Family<ResultLabels, Counter>,
     pub retries: Family<RouteReasonLabels, Counter>,
     pub retry_budget_exhausted: Family<RouteLabels, Counter>,
@@ -172,6 +173,7 @@ impl Metrics {
             trace_spans_dropped: Family::default(),
             trace_spans_exported: Family::default(),
             trace_export_batches: Family::default(),
+            access_log_dropped: Counter::default(),
             config_reloads: Family::default(),
             retries: Family::default(),
             retry_budget_exhausted: Family::default(),
@@ -254,6 +256,11 @@ impl Metrics {
             "weft_trace_export_batches",
             "Span export requests by format and result (success, failure)",
             m.trace_export_batches.clone(),
+        );
+        r.register(
+            "weft_access_log_dropped",
+            "Access log lines dropped because the writer fell behind",
+            m.access_log_dropped.clone(),
         );
         r.register(
             "weft_config_reloads",

@@ -241,30 +241,39 @@ struct Traced {
 }
 
 async fn start(app: SocketAddr, cfg: TraceConfig) -> Traced {
+    start_with(app, cfg.clone(), cfg).await
+}
+
+/// Like [`start`], with settings for each side; `raw` is a TCP service
+/// that reaches the same app.
+async fn start_with(app: SocketAddr, client_cfg: TraceConfig, server_cfg: TraceConfig) -> Traced {
     let ca = TestCa::new(TD);
-    let m = mesh(TD, &[("payment", Protocol::Http)]);
-    let config =
-        |name: &str, app: Option<SocketAddr>, upstreams: Vec<(String, SocketAddr)>| SidecarConfig {
-            mesh: m.clone(),
-            identity: IdentitySource::Static(ca.creds(name)),
-            inbound: any_port(),
-            admin: any_port(),
-            app,
-            upstreams,
-            limits: Limits::default(),
-            tracing: cfg.clone(),
-        };
-    let server = Sidecar::start(config("server", Some(app), vec![]))
+    let m = mesh(TD, &[("payment", Protocol::Http), ("raw", Protocol::Tcp)]);
+    let config = |name: &str,
+                  app: Option<SocketAddr>,
+                  upstreams: Vec<(String, SocketAddr)>,
+                  tracing: &TraceConfig| SidecarConfig {
+        mesh: m.clone(),
+        identity: IdentitySource::Static(ca.creds(name)),
+        inbound: any_port(),
+        admin: any_port(),
+        app,
+        upstreams,
+        limits: Limits::default(),
+        tracing: tracing.clone(),
+    };
+    let server = Sidecar::start(config("server", Some(app), vec![], &server_cfg))
         .await
         .expect("server sidecar");
-    let client = Sidecar::start(config(
-        "customer",
-        None,
-        vec![("payment".to_string(), any_port())],
-    ))
-    .await
-    .expect("client sidecar");
+    let upstreams = vec![
+        ("payment".to_string(), any_port()),
+        ("raw".to_string(), any_port()),
+    ];
+    let client = Sidecar::start(config("customer", None, upstreams, &client_cfg))
+        .await
+        .expect("client sidecar");
     let m = with_endpoint(m.clone(), "payment", server.inbound_addr);
+    let m = with_endpoint(m, "raw", server.inbound_addr);
     client.set_mesh(m.clone());
     server.set_mesh(m);
     Traced {
@@ -571,4 +580,95 @@ async fn a_dead_collector_never_fails_or_slows_requests() {
         !held.lock().expect("lock").is_empty(),
         "the exporter did try"
     );
+}
+
+/// `--access-log`: each side writes one JSON line per HTTP request and per
+/// TCP stream, with the peer's identity, status, bytes and the trace ID.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_logs_from_both_sides() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use weft_proxy::trace::access_log::AccessLogTarget;
+    let app = trace_app().await;
+    let (collector_addr, _collector) = Collector::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let client_log = dir.path().join("client.jsonl");
+    let server_log = dir.path().join("server.jsonl");
+    let mut client_cfg = config(Some(collector_addr), None);
+    client_cfg.access_log = Some(AccessLogTarget::File(client_log.clone()));
+    let mut server_cfg = client_cfg.clone();
+    server_cfg.access_log = Some(AccessLogTarget::File(server_log.clone()));
+    let t = start_with(app, client_cfg, server_cfg).await;
+
+    let (status, h) = get(&t, "/pay?card=secret", &[]).await;
+    assert_eq!(status, 200);
+    let trace = hex(&seen_parent(&h).trace_id);
+
+    // A TCP stream carrying one HTTP/1.1 exchange with the same app.
+    let mut tcp = tokio::net::TcpStream::connect(t.client.upstream_addrs["raw"])
+        .await
+        .expect("connect raw");
+    let request = b"GET /raw HTTP/1.1\r\nhost: raw\r\nconnection: close\r\n\r\n";
+    tcp.write_all(request).await.expect("write");
+    let mut answer = Vec::new();
+    tcp.read_to_end(&mut answer).await.expect("read");
+    assert!(
+        answer.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    drop(tcp);
+
+    let client_lines = json_lines(&client_log, 2).await;
+    let server_lines = json_lines(&server_log, 2).await;
+
+    let out = by_protocol(&client_lines, "http");
+    assert_eq!(out["direction"], "outbound");
+    assert_eq!(out["service"], "payment");
+    assert_eq!(out["route"], "default");
+    assert_eq!(out["peer"], t.ca.id("server").as_str());
+    assert_eq!(out["method"], "GET");
+    assert_eq!(out["path"], "/pay", "the query string is not logged");
+    assert_eq!(out["status"], 200);
+    assert_eq!(out["response_bytes"], 2);
+    assert_eq!(out["attempts"], 1);
+    assert_eq!(out["trace_id"], trace.as_str());
+    assert!(out["duration_ms"].as_f64().is_some_and(|d| d > 0.0));
+    let inb = by_protocol(&server_lines, "http");
+    assert_eq!(inb["direction"], "inbound");
+    assert_eq!(inb["peer"], t.ca.id("customer").as_str());
+    assert_eq!(inb["status"], 200);
+    assert_eq!(inb["response_bytes"], 2);
+    assert_eq!(inb["trace_id"], trace.as_str());
+
+    let out = by_protocol(&client_lines, "tcp");
+    let inb = by_protocol(&server_lines, "tcp");
+    for (l, peer) in [(&out, t.ca.id("server")), (&inb, t.ca.id("customer"))] {
+        assert_eq!(l["service"], "raw");
+        assert_eq!(l["peer"], peer.as_str());
+        assert_eq!(l["request_bytes"], request.len() as u64, "{l}");
+        assert_eq!(l["response_bytes"], answer.len() as u64, "{l}");
+    }
+}
+
+/// The JSON lines of `path`, once it has at least `n`.
+async fn json_lines(path: &std::path::Path, n: usize) -> Vec<serde_json::Value> {
+    let read = || {
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("a JSON line"))
+            .collect::<Vec<serde_json::Value>>()
+    };
+    let ok = wait_until(WAIT, || async { read().len() >= n }).await;
+    let got = read();
+    assert!(ok, "{n} lines in {}: {got:?}", path.display());
+    got
+}
+
+fn by_protocol(lines: &[serde_json::Value], protocol: &str) -> serde_json::Value {
+    lines
+        .iter()
+        .find(|l| l["protocol"] == protocol)
+        .unwrap_or_else(|| panic!("a {protocol} line in {lines:?}"))
+        .clone()
 }

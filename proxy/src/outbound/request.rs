@@ -51,6 +51,7 @@ pub(super) async fn request(
     let version = req.version();
     let mut req = req;
     let span = ctx.tracer.client(&service, &mut req);
+    let access = ctx.tracer.http_log(OUTBOUND, &service, &req);
     let Handled {
         mut resp,
         peer,
@@ -60,6 +61,7 @@ pub(super) async fn request(
     // The response goes back on the app's connection, in the app's HTTP version.
     *resp.version_mut() = version;
     crate::trace::client_done(span, &ctx.tracer, &resp, &route, &peer, attempts);
+    let resp = access.respond(resp, &peer, Some(&route), Some(attempts));
 
     let m = &ctx.metrics;
     let resp = resp.map(|b| body::counted(b, m.response_bytes_of(OUTBOUND, &service)));

@@ -24,6 +24,7 @@ use crate::sidecar::Ctx;
 const PREAMBLE_GRACE: Duration = Duration::from_secs(1);
 
 pub(super) async fn proxy(ctx: Arc<Ctx>, service: String, stream: TcpStream, from: SocketAddr) {
+    let started = (std::time::SystemTime::now(), std::time::Instant::now());
     let labels = TcpLabels {
         direction: OUTBOUND,
         service: service.clone(),
@@ -52,12 +53,18 @@ pub(super) async fn proxy(ctx: Arc<Ctx>, service: String, stream: TcpStream, fro
                 .tcp_received_bytes
                 .get_or_create(&labels)
                 .inc_by(result.from_peer);
+            let error = result.error.as_ref().map(|e| e.to_string());
+            let (up, down) = (result.to_peer, result.from_peer);
+            ctx.tracer
+                .tcp_log(OUTBOUND, &service, &labels.peer, started, up, down, error);
             if let Some(e) = result.error {
                 tracing::debug!(%service, %from, error = %e, "TCP stream ended with error");
             }
         }
         Err(e) => {
             tracing::warn!(%service, %from, error = %e, "TCP stream refused");
+            ctx.tracer
+                .tcp_log(OUTBOUND, &service, "", started, 0, 0, Some(e.clone()));
             crate::copy::reset(stream);
         }
     }

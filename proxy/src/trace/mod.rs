@@ -14,6 +14,7 @@
 //! pass through untouched (a span ID nobody reports would break the app's
 //! traces).
 
+pub mod access_log;
 pub mod context;
 pub mod export;
 mod exporter;
@@ -26,6 +27,7 @@ use http::{HeaderMap, Method, Request, Response};
 use tokio::sync::mpsc;
 
 use crate::metrics::{Metrics, ReasonLabels};
+use access_log::{AccessLog, AccessLogTarget, HttpLog};
 use context::{Extracted, Outgoing};
 pub use export::Resource;
 pub use span::{Kind, Span, Value};
@@ -49,6 +51,8 @@ pub struct TraceConfig {
     pub batch_interval: Duration,
     /// Longest one export request may take.
     pub export_timeout: Duration,
+    /// JSON lines per request and TCP stream (see [`access_log`]); off if `None`.
+    pub access_log: Option<AccessLogTarget>,
 }
 
 impl Default for TraceConfig {
@@ -75,6 +79,7 @@ impl Default for TraceConfig {
             batch_interval: Duration::from_secs(1),
             // Same as the OpenTelemetry SDK exporter default.
             export_timeout: Duration::from_secs(10),
+            access_log: None,
         }
     }
 }
@@ -111,6 +116,11 @@ pub enum TraceError {
     Zero,
     #[error("trace endpoint {url:?}: {reason} (expected e.g. http://127.0.0.1:4318/v1/traces)")]
     Endpoint { url: String, reason: String },
+    #[error("--access-log {path}: {source} (give a writable file, or `stderr`)")]
+    AccessLog {
+        path: String,
+        source: std::io::Error,
+    },
 }
 
 impl Resource {
@@ -134,10 +144,12 @@ pub(crate) struct Tracer {
     queue: Option<mpsc::Sender<Span>>,
     sample_ratio: f64,
     metrics: Arc<Metrics>,
+    access: Option<Arc<AccessLog>>,
 }
 
 impl Tracer {
-    /// The tracer and, if tracing is on, the exporter task to spawn.
+    /// The tracer and, if tracing or the access log is on, the task to
+    /// spawn (span exporter, access log writer).
     pub fn new(
         cfg: &TraceConfig,
         resource: Resource,
@@ -148,14 +160,77 @@ impl Tracer {
             queue: None,
             sample_ratio: cfg.sample_ratio,
             metrics: metrics.clone(),
+            access: None,
         };
-        if !cfg.enabled() {
+        let writer = match &cfg.access_log {
+            Some(target) => {
+                let (log, writer) = AccessLog::open(target, metrics.access_log_dropped.clone())
+                    .map_err(|source| TraceError::AccessLog {
+                        path: match target {
+                            AccessLogTarget::Stderr => "stderr".into(),
+                            AccessLogTarget::File(p) => p.display().to_string(),
+                        },
+                        source,
+                    })?;
+                tracer.access = Some(Arc::new(log));
+                Some(writer)
+            }
+            None => None,
+        };
+        let exporter = if cfg.enabled() {
+            let (tx, rx) = mpsc::channel(cfg.queue_spans);
+            tracer.queue = Some(tx);
+            Some(exporter::run(rx, cfg.clone(), resource, metrics)?)
+        } else {
+            None
+        };
+        if writer.is_none() && exporter.is_none() {
             return Ok((tracer, None));
         }
-        let (tx, rx) = mpsc::channel(cfg.queue_spans);
-        tracer.queue = Some(tx);
-        let task = exporter::run(rx, cfg.clone(), resource, metrics)?;
+        let task = async move {
+            let exporter = async {
+                if let Some(e) = exporter {
+                    e.await
+                }
+            };
+            let writer = async {
+                if let Some(w) = writer {
+                    w.await
+                }
+            };
+            tokio::join!(exporter, writer);
+        };
         Ok((tracer, Some(task)))
+    }
+
+    /// Start an access log entry for an HTTP request (a no-op without
+    /// `--access-log`). Call after [`Tracer::client`]/[`Tracer::server`].
+    pub fn http_log<B>(&self, direction: &'static str, service: &str, req: &Request<B>) -> HttpLog {
+        HttpLog::start(self.access.as_ref(), direction, service, req)
+    }
+
+    /// Log a finished TCP stream (a no-op without `--access-log`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn tcp_log(
+        &self,
+        direction: &'static str,
+        service: &str,
+        peer: &str,
+        started: (SystemTime, std::time::Instant),
+        request_bytes: u64,
+        response_bytes: u64,
+        error: Option<String>,
+    ) {
+        access_log::tcp(
+            self.access.as_ref(),
+            direction,
+            service,
+            peer,
+            started,
+            request_bytes,
+            response_bytes,
+            error,
+        );
     }
 
     /// The outbound side: continue the app's trace (or start one), and set
@@ -338,6 +413,7 @@ mod tests {
             queue: Some(tx),
             sample_ratio: ratio,
             metrics: Metrics::new(),
+            access: None,
         };
         (t, rx)
     }
@@ -441,6 +517,7 @@ mod tests {
             queue: None,
             sample_ratio: 1.0,
             metrics: Metrics::new(),
+            access: None,
         };
         let mut req = get("/");
         t.client("p", &mut req).finish(&t, &ok());
@@ -497,6 +574,8 @@ mod tests {
             "100",
             "--trace-batch-interval",
             "250ms",
+            "--access-log",
+            "stderr",
         ])
         .unwrap()
         .tracing;
@@ -508,6 +587,7 @@ mod tests {
         assert_eq!(cfg.service_name.as_deref(), Some("shop"));
         assert_eq!(cfg.queue_spans, 100);
         assert_eq!(cfg.batch_interval, Duration::from_millis(250));
+        assert_eq!(cfg.access_log, Some(AccessLogTarget::Stderr));
         let err = parse(&["--trace-sample-ratio", "2"]).err().unwrap();
         assert!(err.contains("between 0.0 and 1.0"), "{err}");
         let err = parse(&["--trace-otlp-endpoint", "https://collector:4318"])
