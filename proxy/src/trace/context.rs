@@ -47,6 +47,9 @@ pub struct Extracted {
     /// alone): honoured for the new trace we start.
     pub sampled_only: Option<bool>,
     pub formats: Formats,
+    /// The parent came from a valid `traceparent`, so `tracestate` belongs
+    /// to it (W3C: otherwise `tracestate` must not be used).
+    pub w3c_parent: bool,
 }
 
 /// What to send to the next hop: the trace, our span as its parent.
@@ -101,6 +104,7 @@ pub fn extract(headers: &HeaderMap) -> Extracted {
             _ => None,
         },
     };
+    out.w3c_parent = w3c.is_some();
     out.parent = w3c.or(b3);
     if out.parent.is_none() {
         out.sampled_only = match (single, multi) {
@@ -113,7 +117,8 @@ pub fn extract(headers: &HeaderMap) -> Extracted {
 
 /// Set the headers the next hop reads: `traceparent` (our span as the
 /// parent), and the B3 forms in `formats` with the same trace. `tracestate`
-/// travels unchanged (we add no entry of our own). Stale B3 fields of a
+/// travels unchanged (we add no entry of our own); the caller drops it when
+/// the trace did not come from `traceparent`. Stale B3 fields of a
 /// form not in `formats` are left alone: the request did not carry them.
 pub fn inject(headers: &mut HeaderMap, out: &Outgoing, formats: Formats) {
     let mut set = |name: &'static str, value: String| {
@@ -454,9 +459,12 @@ mod tests {
         assert_eq!(e.parent.unwrap().trace_id, TRACE);
         assert!(e.formats.w3c && e.formats.b3_single && !e.formats.b3_multi);
 
+        assert!(e.w3c_parent);
+
         let h = headers(&[(TRACEPARENT, "junk"), (B3, b3)]);
         let e = extract(&h);
         assert_eq!(hex(&e.parent.unwrap().span_id), "1111111111111111");
+        assert!(!e.w3c_parent);
 
         let h = headers(&[
             (B3_TRACE_ID, "4bf92f3577b34da6a3ce929d0e0e4736"),

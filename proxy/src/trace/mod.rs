@@ -267,7 +267,12 @@ impl Tracer {
             parent,
             sampled_only,
             formats,
+            w3c_parent,
         } = context::extract(headers);
+        if !w3c_parent {
+            // A new trace, or one from B3: any tracestate is not its state.
+            headers.remove(context::TRACESTATE);
+        }
         let trace_id = parent
             .map(|p| p.trace_id)
             .unwrap_or_else(span::new_trace_id);
@@ -459,6 +464,29 @@ mod tests {
         assert_eq!(app_tp.sampled, Some(true));
         assert_eq!(client.attr("weft.retries"), Some(&Value::Int(1)));
         assert_eq!(server.remote_service.as_deref(), Some("customer"));
+    }
+
+    #[test]
+    fn tracestate_follows_only_a_valid_traceparent() {
+        let (t, mut rx) = tracer(1.0);
+        let mut req = get("/");
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        req.headers_mut().insert("traceparent", tp.parse().unwrap());
+        req.headers_mut()
+            .insert("tracestate", "vendor=1".parse().unwrap());
+        client_done(t.client("p", &mut req), &t, &ok(), "r", "", 1);
+        assert_eq!(req.headers()["tracestate"], "vendor=1");
+        assert_eq!(rx.try_recv().unwrap().trace_state, "vendor=1");
+
+        // An invalid traceparent restarts the trace; its tracestate goes.
+        let mut req = get("/");
+        req.headers_mut()
+            .insert("traceparent", "00-zz-zz-01".parse().unwrap());
+        req.headers_mut()
+            .insert("tracestate", "vendor=1".parse().unwrap());
+        client_done(t.client("p", &mut req), &t, &ok(), "r", "", 1);
+        assert!(!req.headers().contains_key("tracestate"));
+        assert_eq!(rx.try_recv().unwrap().trace_state, "");
     }
 
     #[test]
