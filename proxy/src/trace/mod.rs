@@ -13,6 +13,9 @@
 //! Without an export endpoint tracing is off: no spans, and trace headers
 //! pass through untouched (a span ID nobody reports would break the app's
 //! traces).
+//!
+//! The per-request access log ([`access_log`]) hangs off the same
+//! [`Tracer`], which is the sidecar's one handle for per-request telemetry.
 
 pub mod access_log;
 pub mod context;
@@ -138,7 +141,8 @@ impl Resource {
     }
 }
 
-/// The sidecar's tracer: decides sampling, makes span IDs, queues spans.
+/// The sidecar's tracer: decides sampling, makes span IDs, queues spans;
+/// and holds the access log, if any.
 pub(crate) struct Tracer {
     /// `None`: tracing is off.
     queue: Option<mpsc::Sender<Span>>,
@@ -236,6 +240,9 @@ impl Tracer {
     /// The outbound side: continue the app's trace (or start one), and set
     /// the headers the peer sidecar reads, with our CLIENT span as parent.
     pub fn client<B>(&self, service: &str, req: &mut Request<B>) -> Pending {
+        if self.queue.is_none() {
+            return Pending(None);
+        }
         let (method, path) = (req.method().clone(), req.uri().path().to_string());
         let mut p = self.start(Kind::Client, &method, &path, service, req.headers_mut());
         p.remote(service);
@@ -245,6 +252,9 @@ impl Tracer {
     /// The inbound side: a SERVER span, child of the caller's span, and the
     /// app gets our span as its parent.
     pub fn server<B>(&self, service: &str, peer: &str, req: &mut Request<B>) -> Pending {
+        if self.queue.is_none() {
+            return Pending(None);
+        }
         let (method, path) = (req.method().clone(), req.uri().path().to_string());
         let mut p = self.start(Kind::Server, &method, &path, service, req.headers_mut());
         p.attr("weft.peer.identity", peer);
