@@ -672,3 +672,135 @@ fn by_protocol(lines: &[serde_json::Value], protocol: &str) -> serde_json::Value
         .unwrap_or_else(|| panic!("a {protocol} line in {lines:?}"))
         .clone()
 }
+
+/// An app that forwards the trace headers of each request it serves to a
+/// call of its own (through its sidecar, to `next`), and answers with what
+/// that call returned.
+async fn forwarding_app(next: Arc<std::sync::OnceLock<SocketAddr>>) -> SocketAddr {
+    let listener = TcpListener::bind(any_port()).await.expect("bind app");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let next = next.clone();
+            tokio::spawn(async move {
+                let svc =
+                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let next = next.clone();
+                        async move {
+                            let Some(next) = next.get().copied() else {
+                                return Ok::<_, Infallible>(
+                                    http::Response::builder()
+                                        .status(500)
+                                        .body(Full::new(Bytes::new()))
+                                        .expect("response"),
+                                );
+                            };
+                            let stream =
+                                tokio::net::TcpStream::connect(next).await.expect("connect");
+                            let (mut sender, conn) =
+                                hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                                    .await
+                                    .expect("handshake");
+                            tokio::spawn(conn);
+                            let mut call = http::Request::get("/ledger").header("host", "ledger");
+                            for h in context::PROPAGATED {
+                                if let Some(v) = req.headers().get(*h) {
+                                    call = call.header(*h, v);
+                                }
+                            }
+                            let resp = sender
+                                .send_request(call.body(Full::new(Bytes::new())).expect("request"))
+                                .await
+                                .expect("ledger response");
+                            let mut out = http::Response::builder().status(resp.status());
+                            for (k, v) in resp.headers() {
+                                if k.as_str().starts_with("x-seen-") {
+                                    out = out.header(k, v);
+                                }
+                            }
+                            Ok(out.body(Full::new(Bytes::new())).expect("response"))
+                        }
+                    });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// Three hops: customer → payment → ledger, where the payment app only
+/// forwards the trace headers to its own call. One trace, each span the
+/// child of the one before, down to the ledger app's parent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_that_forwards_headers_continues_the_trace() {
+    let (collector_addr, collector) = Collector::start().await;
+    let cfg = config(Some(collector_addr), None);
+    let ca = TestCa::new(TD);
+    let m = mesh(
+        TD,
+        &[("payment", Protocol::Http), ("ledger", Protocol::Http)],
+    );
+    let start = |name: &str, app: Option<SocketAddr>, upstream: Option<&str>| {
+        Sidecar::start(SidecarConfig {
+            mesh: m.clone(),
+            identity: IdentitySource::Static(ca.creds(name)),
+            inbound: any_port(),
+            admin: any_port(),
+            app,
+            upstreams: upstream
+                .map(|s| (s.to_string(), any_port()))
+                .into_iter()
+                .collect(),
+            limits: Limits::default(),
+            tracing: cfg.clone(),
+        })
+    };
+    let ledger_app = trace_app().await;
+    let next = Arc::new(std::sync::OnceLock::new());
+    let payment_app = forwarding_app(next.clone()).await;
+    let ledger = start("ledger", Some(ledger_app), None)
+        .await
+        .expect("ledger");
+    let payment = start("payment", Some(payment_app), Some("ledger"))
+        .await
+        .expect("payment");
+    let customer = start("customer", None, Some("payment"))
+        .await
+        .expect("customer");
+    next.set(payment.upstream_addrs["ledger"])
+        .expect("set once");
+    let m = with_endpoint(m.clone(), "payment", payment.inbound_addr);
+    let m = with_endpoint(m, "ledger", ledger.inbound_addr);
+    for s in [&customer, &payment, &ledger] {
+        s.set_mesh(m.clone());
+    }
+
+    let (status, h, _) = http_get(customer.upstream_addrs["payment"], "payment", "/pay").await;
+    assert_eq!(status, 200);
+    let ledger_ctx = seen_parent(&h);
+    let spans = collector.wait(&hex(&ledger_ctx.trace_id), 4).await;
+    let find = |service: &str, kind: &str| {
+        spans
+            .iter()
+            .find(|s| s.service == service && s.kind == kind)
+            .unwrap_or_else(|| panic!("{kind} span of {service} in {spans:#?}"))
+    };
+    let customer_client = find("customer", "CLIENT");
+    let payment_server = find("payment", "SERVER");
+    let payment_client = find("payment", "CLIENT");
+    let ledger_server = find("ledger", "SERVER");
+    assert_eq!(customer_client.parent, None);
+    assert_eq!(
+        payment_server.parent.as_ref(),
+        Some(&customer_client.span_id)
+    );
+    assert_eq!(
+        payment_client.parent.as_ref(),
+        Some(&payment_server.span_id)
+    );
+    assert_eq!(ledger_server.parent.as_ref(), Some(&payment_client.span_id));
+    assert_eq!(hex(&ledger_ctx.span_id), ledger_server.span_id);
+    assert_eq!(payment_client.attrs["weft.service"], "ledger");
+}

@@ -18,6 +18,19 @@ pub const B3_PARENT_SPAN_ID: &str = "x-b3-parentspanid";
 pub const B3_SAMPLED: &str = "x-b3-sampled";
 pub const B3_FLAGS: &str = "x-b3-flags";
 
+/// Every trace header an app should copy from the request it serves to the
+/// requests it makes, so its calls continue the trace.
+pub const PROPAGATED: &[&str] = &[
+    TRACEPARENT,
+    TRACESTATE,
+    B3,
+    B3_TRACE_ID,
+    B3_SPAN_ID,
+    B3_PARENT_SPAN_ID,
+    B3_SAMPLED,
+    B3_FLAGS,
+];
+
 pub type TraceId = [u8; 16];
 pub type SpanId = [u8; 8];
 
