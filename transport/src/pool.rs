@@ -53,13 +53,18 @@ pub const CERT_EXPIRED: u32 = 0x57_01;
 
 /// How long before a certificate's expiry a connection made with it stops
 /// taking new streams: a tenth of the validity left when the connection was
-/// made, at most 30 s. Small against the half-life at which certificates
-/// are renewed, so a connection is replaced once per certificate, not per
-/// request. (Measured from the connection, not the certificate's
-/// not-before: CAs backdate not-before for clock skew — weft-ca by 5
-/// minutes — which would make short-lived certificates look long-lived.)
+/// made, at least 1 s (time for requests already on it to finish, even on a
+/// busy machine), at most 30 s, and never more than half of what is left.
+/// Small against the half-life at which certificates are renewed, so a
+/// connection is replaced once per certificate, not per request. (Measured
+/// from the connection, not the certificate's not-before: CAs backdate
+/// not-before for clock skew — weft-ca by 5 minutes — which would make
+/// short-lived certificates look long-lived.)
 pub fn replace_margin(left_at_connect: Duration) -> Duration {
-    (left_at_connect / 10).min(Duration::from_secs(30))
+    (left_at_connect / 10)
+        .max(Duration::from_secs(1))
+        .min(Duration::from_secs(30))
+        .min(left_at_connect / 2)
 }
 
 struct Live<T> {
@@ -248,4 +253,19 @@ pub fn close_at_peer_expiry(conn: &quinn::Connection) -> Option<SystemTime> {
         }
     });
     replace_at(not_after)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replace_margin_is_a_tenth_bounded_by_1_s_30_s_and_half() {
+        let s = Duration::from_secs;
+        assert_eq!(replace_margin(s(100)), s(10));
+        assert_eq!(replace_margin(s(86_400)), s(30));
+        assert_eq!(replace_margin(s(6)), s(1));
+        assert_eq!(replace_margin(s(1)), Duration::from_millis(500));
+        assert_eq!(replace_margin(Duration::ZERO), Duration::ZERO);
+    }
 }
