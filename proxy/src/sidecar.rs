@@ -368,6 +368,8 @@ impl Sidecar {
 
     /// Stop accepting, close connections, end every task.
     pub async fn shutdown(mut self) {
+        // Spans still queued go out first (bounded: a dead collector waits no longer).
+        self.ctx.tracer.flush(crate::trace::SHUTDOWN_FLUSH).await;
         self.stop();
         // Connections were closed above; give the close frames a moment to go out.
         let _ = tokio::time::timeout(

@@ -237,7 +237,7 @@ async fn trace_app() -> SocketAddr {
 struct Traced {
     ca: TestCa,
     client: Sidecar,
-    _server: Sidecar,
+    server: Sidecar,
 }
 
 async fn start(app: SocketAddr, cfg: TraceConfig) -> Traced {
@@ -276,11 +276,7 @@ async fn start_with(app: SocketAddr, client_cfg: TraceConfig, server_cfg: TraceC
     let m = with_endpoint(m, "raw", server.inbound_addr);
     client.set_mesh(m.clone());
     server.set_mesh(m);
-    Traced {
-        ca,
-        client,
-        _server: server,
-    }
+    Traced { ca, client, server }
 }
 
 fn config(otlp: Option<SocketAddr>, zipkin: Option<SocketAddr>) -> TraceConfig {
@@ -580,6 +576,15 @@ async fn a_dead_collector_never_fails_or_slows_requests() {
         !held.lock().expect("lock").is_empty(),
         "the exporter did try"
     );
+
+    // Shutting down waits for queued spans only briefly.
+    let stopping = Instant::now();
+    t.client.shutdown().await;
+    assert!(
+        stopping.elapsed() < Duration::from_secs(10),
+        "shutdown took {:?}",
+        stopping.elapsed()
+    );
 }
 
 /// `--access-log`: each side writes one JSON line per HTTP request and per
@@ -803,4 +808,24 @@ async fn an_app_that_forwards_headers_continues_the_trace() {
     assert_eq!(ledger_server.parent.as_ref(), Some(&payment_client.span_id));
     assert_eq!(hex(&ledger_ctx.span_id), ledger_server.span_id);
     assert_eq!(payment_client.attrs["weft.service"], "ledger");
+}
+
+/// Spans still queued when a sidecar shuts down are sent before it stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_spans_are_sent_at_shutdown() {
+    let app = trace_app().await;
+    let (collector_addr, collector) = Collector::start().await;
+    let mut cfg = config(Some(collector_addr), None);
+    // Nothing would leave by time for an hour.
+    cfg.batch_interval = Duration::from_secs(3600);
+    let t = start(app, cfg).await;
+    let (status, h) = get(&t, "/", &[]).await;
+    assert_eq!(status, 200);
+    let trace = hex(&seen_parent(&h).trace_id);
+    assert!(collector.of_trace(&trace).is_empty(), "held for the batch");
+    let Traced { client, server, .. } = t;
+    server.shutdown().await;
+    client.shutdown().await;
+    let spans = collector.of_trace(&trace);
+    assert_eq!(spans.len(), 2, "{spans:#?}");
 }

@@ -13,7 +13,7 @@ use http_body_util::Full;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use super::export::{encode_otlp, encode_zipkin, Resource};
 use super::{Span, TraceConfig, TraceError};
@@ -49,8 +49,12 @@ pub(super) fn endpoint(url: &str, default_path: &str) -> Result<http::Uri, Trace
     }
 }
 
+/// Asks the exporter to send everything queued now; answered when done.
+pub(super) type Flush = oneshot::Sender<()>;
+
 pub(super) fn run(
     mut rx: mpsc::Receiver<Span>,
+    mut flush_rx: mpsc::Receiver<Flush>,
     cfg: TraceConfig,
     resource: Resource,
     metrics: Arc<Metrics>,
@@ -77,26 +81,66 @@ pub(super) fn run(
     http.set_nodelay(true);
     let client: Client<HttpConnector, Full<Bytes>> =
         Client::builder(TokioExecutor::new()).build(http);
-    Ok(async move {
-        let mut batch: Vec<Span> = Vec::with_capacity(cfg.batch_spans);
-        while let Some(first) = rx.recv().await {
-            batch.push(first);
-            let deadline = tokio::time::Instant::now() + cfg.batch_interval;
-            while batch.len() < cfg.batch_spans {
-                match tokio::time::timeout_at(deadline, rx.recv()).await {
-                    Ok(Some(s)) => batch.push(s),
-                    Ok(None) | Err(_) => break,
-                }
-            }
+    let targets = Arc::new(targets);
+    let resource = Arc::new(resource);
+    let timeout = cfg.export_timeout;
+    let send = move |batch: Vec<Span>| {
+        let (client, targets, resource, metrics) = (
+            client.clone(),
+            targets.clone(),
+            resource.clone(),
+            metrics.clone(),
+        );
+        async move {
             // Every collector at once: a slow one does not hold back the
             // others' copy of this batch.
             futures::future::join_all(
                 targets
                     .iter()
-                    .map(|t| export(&client, t, &resource, &batch, cfg.export_timeout, &metrics)),
+                    .map(|t| export(&client, t, &resource, &batch, timeout, &metrics)),
             )
             .await;
-            batch.clear();
+        }
+    };
+    Ok(async move {
+        let mut batch: Vec<Span> = Vec::with_capacity(cfg.batch_spans);
+        let mut open = true;
+        while open {
+            let mut flush = None;
+            tokio::select! {
+                s = rx.recv() => match s {
+                    Some(s) => batch.push(s),
+                    None => open = false,
+                },
+                Some(f) = flush_rx.recv() => flush = Some(f),
+            }
+            // Fill the batch: until full, its time is up, or a flush.
+            let deadline = tokio::time::Instant::now() + cfg.batch_interval;
+            while open && flush.is_none() && !batch.is_empty() && batch.len() < cfg.batch_spans {
+                tokio::select! {
+                    s = rx.recv() => match s {
+                        Some(s) => batch.push(s),
+                        None => open = false,
+                    },
+                    Some(f) = flush_rx.recv() => flush = Some(f),
+                    _ = tokio::time::sleep_until(deadline) => break,
+                }
+            }
+            if flush.is_some() {
+                // Everything queued now goes out, in full batches.
+                while let Ok(s) = rx.try_recv() {
+                    batch.push(s);
+                    if batch.len() >= cfg.batch_spans {
+                        send(std::mem::take(&mut batch)).await;
+                    }
+                }
+            }
+            if !batch.is_empty() {
+                send(std::mem::take(&mut batch)).await;
+            }
+            if let Some(f) = flush {
+                let _ = f.send(());
+            }
         }
     })
 }

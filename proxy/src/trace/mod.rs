@@ -33,6 +33,10 @@ use crate::metrics::{Metrics, ReasonLabels};
 use access_log::{AccessLog, AccessLogTarget, HttpLog};
 use context::{Extracted, Outgoing};
 pub use export::Resource;
+
+/// How long a shutdown waits for queued spans to reach the collectors:
+/// enough for a healthy collector, well inside a Kubernetes grace period.
+pub const SHUTDOWN_FLUSH: Duration = Duration::from_secs(2);
 pub use span::{Kind, Span, Value};
 
 /// Tracing settings of one sidecar (`--trace-*` flags).
@@ -146,6 +150,8 @@ impl Resource {
 pub(crate) struct Tracer {
     /// `None`: tracing is off.
     queue: Option<mpsc::Sender<Span>>,
+    /// Asks the exporter to send what is queued (at shutdown).
+    flush: Option<mpsc::Sender<exporter::Flush>>,
     sample_ratio: f64,
     metrics: Arc<Metrics>,
     access: Option<Arc<AccessLog>>,
@@ -165,6 +171,7 @@ impl Tracer {
             sample_ratio: cfg.sample_ratio,
             metrics: metrics.clone(),
             access: None,
+            flush: None,
         };
         let writer = match &cfg.access_log {
             Some(target) => {
@@ -183,8 +190,10 @@ impl Tracer {
         };
         let exporter = if cfg.enabled() {
             let (tx, rx) = mpsc::channel(cfg.queue_spans);
+            let (flush_tx, flush_rx) = mpsc::channel(1);
             tracer.queue = Some(tx);
-            Some(exporter::run(rx, cfg.clone(), resource, metrics)?)
+            tracer.flush = Some(flush_tx);
+            Some(exporter::run(rx, flush_rx, cfg.clone(), resource, metrics)?)
         } else {
             None
         };
@@ -205,6 +214,19 @@ impl Tracer {
             tokio::join!(exporter, writer);
         };
         Ok((tracer, Some(task)))
+    }
+
+    /// Send the spans still queued, waiting at most `timeout` (a dead
+    /// collector must not hold up a shutdown).
+    pub async fn flush(&self, timeout: Duration) {
+        let Some(flush) = &self.flush else { return };
+        let _ = tokio::time::timeout(timeout, async {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            if flush.send(tx).await.is_ok() {
+                let _ = rx.await;
+            }
+        })
+        .await;
     }
 
     /// Start an access log entry for an HTTP request (a no-op without
@@ -429,6 +451,7 @@ mod tests {
             sample_ratio: ratio,
             metrics: Metrics::new(),
             access: None,
+            flush: None,
         };
         (t, rx)
     }
@@ -556,6 +579,7 @@ mod tests {
             sample_ratio: 1.0,
             metrics: Metrics::new(),
             access: None,
+            flush: None,
         };
         let mut req = get("/");
         t.client("p", &mut req).finish(&t, &ok());
