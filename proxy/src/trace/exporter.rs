@@ -2,7 +2,8 @@
 //! `batch_interval` after its first span) and POSTs each batch to every
 //! configured endpoint, concurrently. One batch is in flight at a time;
 //! while a collector is slow or down, the queue fills and the tracer drops
-//! new spans (counted), so requests never wait for the collector.
+//! new spans (counted), so requests never wait for the collector. A flush
+//! request (at shutdown) sends everything queued at once.
 
 use std::future::Future;
 use std::sync::Arc;
