@@ -97,10 +97,52 @@ fn handle(ctx: &Ctx, req: Request<Incoming>) -> Response<ProxyBody> {
             }))
         }
         "/clusters" => json(&ctx.state.load().snapshot()),
+        "/logging" => logging(&req),
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found; try /ready /live /metrics /config /certs /clusters\n".into(),
+            "not found; try /ready /live /metrics /config /certs /clusters /logging\n".into(),
         ),
+    }
+}
+
+/// `GET /logging`: the log filter in force; `POST /logging?level=FILTER`:
+/// change it (admin port only, which listens on loopback by default).
+fn logging(req: &Request<Incoming>) -> Response<ProxyBody> {
+    let unavailable = || {
+        text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{}\n", crate::logging::LevelError::Unavailable),
+        )
+    };
+    if req.method() == http::Method::GET {
+        return match crate::logging::current() {
+            Some(f) => text(StatusCode::OK, format!("{f}\n")),
+            None => unavailable(),
+        };
+    }
+    if req.method() != http::Method::POST {
+        return text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "GET /logging shows the log filter; POST /logging?level=debug changes it\n".into(),
+        );
+    }
+    let level = req.uri().query().unwrap_or("").split('&').find_map(|kv| {
+        kv.strip_prefix("level=").map(|v| {
+            v.replace("%2C", ",")
+                .replace("%3D", "=")
+                .replace("%3A", ":")
+        })
+    });
+    let Some(level) = level.filter(|l| !l.is_empty()) else {
+        return text(
+            StatusCode::BAD_REQUEST,
+            "give the filter as ?level=debug (or e.g. ?level=info,weft_proxy=debug)\n".into(),
+        );
+    };
+    match crate::logging::set(&level) {
+        Ok(()) => text(StatusCode::OK, format!("{level}\n")),
+        Err(crate::logging::LevelError::Unavailable) => unavailable(),
+        Err(e) => text(StatusCode::BAD_REQUEST, format!("{e}\n")),
     }
 }
 

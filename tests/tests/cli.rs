@@ -222,6 +222,20 @@ async fn start_sidecar(mut cmd: Command) -> Running {
     }
 }
 
+/// POST to an admin server: (status, body).
+async fn admin_post(admin: SocketAddr, path: &str) -> (u16, String) {
+    use http_body_util::{BodyExt, Full};
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Full<bytes::Bytes>>();
+    let req = http::Request::post(format!("http://{admin}{path}"))
+        .body(Full::new(bytes::Bytes::new()))
+        .expect("request");
+    let resp = client.request(req).await.expect("admin POST");
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
 async fn weft_ca(dir: &Path, args: &[&str]) {
     let out = Command::new(bin("weft-ca"))
         .current_dir(dir)
@@ -299,6 +313,17 @@ async fn readme_walkthrough_with_flag_files() {
         assert_eq!(config["sidecar"]["identity"], payment_id.as_str(), "{config}");
         let (status, _) = admin_get(customer.admin, "/ready").await;
         assert_eq!(status, 200);
+
+        // The log filter changes at run time (admin /logging), without a restart.
+        let (status, before) = admin_get(customer.admin, "/logging").await;
+        assert_eq!(status, 200, "{before}");
+        let (status, body) = admin_post(customer.admin, "/logging?level=debug").await;
+        assert_eq!((status, body.trim()), (200, "debug"));
+        assert_eq!(admin_get(customer.admin, "/logging").await.1.trim(), "debug");
+        let (status, body) = admin_post(customer.admin, "/logging?level=loud%3D%3D").await;
+        assert_eq!(status, 400, "{body}");
+        assert!(body.contains("not a log filter"), "{body}");
+        assert_eq!(admin_get(customer.admin, "/logging").await.1.trim(), "debug");
 
         let upstream = customer
             .upstreams
