@@ -8,6 +8,9 @@ pub const PEER_ID: &str = "x-weft-peer-id";
 /// Milliseconds the caller will still wait, from the client sidecar to the
 /// server sidecar, which stops work nobody waits for. Never reaches an app.
 pub const DEADLINE_MS: &str = "x-weft-deadline-ms";
+/// Which try of a request this is (1 = first), from the client sidecar to
+/// the server sidecar's span; never reaches an app.
+pub const ATTEMPT: &str = "x-weft-attempt";
 /// Marks a mirrored copy of a request (its response is discarded).
 pub const MIRROR: &str = "x-weft-mirror";
 /// Marks a response the sidecar generated itself (not the app's).
@@ -54,6 +57,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
     headers.remove(PEER_ID);
     headers.remove(DEADLINE_MS);
+    headers.remove(ATTEMPT);
 }
 
 /// Remove `Host`: on HTTP/3 the target is `:authority`.

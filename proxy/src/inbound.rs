@@ -17,7 +17,9 @@ use weft_transport::{MeshEndpoint, SpiffeId, ALPN_H3, ALPN_L4};
 
 use crate::body::{self, ChannelBody};
 use crate::headers;
-use crate::metrics::{DurationLabels, QuicLabels, RequestLabels, StreamCount, TcpLabels, INBOUND};
+use crate::metrics::{
+    QuicLabels, RequestDurationLabels, RequestLabels, StreamCount, TcpLabels, INBOUND,
+};
 use crate::sidecar::Ctx;
 
 /// A peer must send its stream preamble within this time.
@@ -146,7 +148,15 @@ async fn h3_request(ctx: Arc<Ctx>, peer: &SpiffeId, req: Request<()>, stream: Se
     let start = Instant::now();
     let service = req.uri().host().map(str::to_string).unwrap_or_default();
     let mut req = req;
-    let span = ctx.tracer.server(&service, peer.as_str(), &mut req);
+    let mut span = ctx.tracer.server(&service, peer.as_str(), &mut req);
+    if let Some(n) = req
+        .headers()
+        .get(headers::ATTEMPT)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<i64>().ok())
+    {
+        span.attr("weft.attempt", n);
+    }
     let access = ctx.tracer.http_log(INBOUND, &service, &req);
     let (mut send, recv) = stream.split();
     let resp = forward_to_app(&ctx, peer, &service, req, recv).await;
@@ -171,9 +181,10 @@ async fn h3_request(ctx: Arc<Ctx>, peer: &SpiffeId, req: Request<()>, stream: Se
         })
         .inc();
     m.request_duration
-        .get_or_create(&DurationLabels {
+        .get_or_create(&RequestDurationLabels {
             direction: INBOUND,
             service: svc_label,
+            route: String::new(),
         })
         .observe(start.elapsed().as_secs_f64());
     let (mut parts, body) = resp.into_parts();

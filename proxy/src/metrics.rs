@@ -38,6 +38,15 @@ pub struct DurationLabels {
     pub service: String,
 }
 
+/// Request duration: by route too, so latency objectives can be per route.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestDurationLabels {
+    pub direction: &'static str,
+    pub service: String,
+    /// The route's name outbound; empty inbound (routes are a client-side choice).
+    pub route: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TcpLabels {
     pub direction: &'static str,
@@ -124,7 +133,7 @@ fn latency_histogram() -> Histogram {
 pub struct Metrics {
     registry: Registry,
     pub requests: Family<RequestLabels, Counter>,
-    pub request_duration: HistogramFamily<DurationLabels>,
+    pub request_duration: HistogramFamily<RequestDurationLabels>,
     pub tcp_connections: Family<TcpLabels, Counter>,
     pub tcp_active: Family<TcpLabels, Gauge>,
     pub tcp_sent_bytes: Family<TcpLabels, Counter>,
@@ -553,9 +562,10 @@ mod tests {
     #[test]
     fn duration_buckets_resolve_tens_of_microseconds_and_build_info_is_set() {
         let m = Metrics::new();
-        let l = DurationLabels {
+        let l = RequestDurationLabels {
             direction: INBOUND,
             service: "payment".into(),
+            route: String::new(),
         };
         m.request_duration.get_or_create(&l).observe(0.000_07);
         let samples = parse_text(&m.encode_prometheus());

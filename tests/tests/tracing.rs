@@ -367,6 +367,7 @@ async fn both_hops_form_one_trace(format: &'static str) {
     assert_eq!(a["url.path"], "/pay");
     let a = &server.attrs;
     assert_eq!(a["weft.peer.identity"], t.ca.id("customer"));
+    assert_eq!(a["weft.attempt"], "1");
     assert_eq!(a["weft.service"], "payment");
     assert_eq!(a["http.response.status_code"], "200");
     assert!(!client.error && !server.error);

@@ -92,6 +92,7 @@ pub(super) fn spawn(
                 Some(deadline),
                 connect_timeout,
                 true,
+                1,
             ),
         )
         .await;

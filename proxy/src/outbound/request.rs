@@ -24,7 +24,8 @@ use crate::cluster::Cluster;
 use crate::headers;
 use crate::mesh::Route;
 use crate::metrics::{
-    DurationLabels, RequestLabels, RouteLabels, RouteReasonLabels, ServiceReasonLabels, OUTBOUND,
+    RequestDurationLabels, RequestLabels, RouteLabels, RouteReasonLabels, ServiceReasonLabels,
+    OUTBOUND,
 };
 use crate::replay::ReplayBody;
 use crate::retry::{self, Failure};
@@ -69,15 +70,16 @@ pub(super) async fn request(
         .get_or_create(&RequestLabels {
             direction: OUTBOUND,
             service: service.clone(),
-            route,
+            route: route.clone(),
             peer,
             status: resp.status().as_u16(),
         })
         .inc();
     m.request_duration
-        .get_or_create(&DurationLabels {
+        .get_or_create(&RequestDurationLabels {
             direction: OUTBOUND,
             service,
+            route,
         })
         .observe(start.elapsed().as_secs_f64());
     resp
@@ -333,6 +335,7 @@ impl Tries<'_> {
                     try_deadline,
                     connect_timeout,
                     false,
+                    retries + 1,
                 ),
             )
             .await;
@@ -538,6 +541,7 @@ pub(super) async fn send(
     deadline: Option<Instant>,
     connect_timeout: std::time::Duration,
     mirror: bool,
+    attempt: u32,
 ) -> Result<Sent, TryError> {
     let (_conn, (mut sender, peer)) =
         match tokio::time::timeout(connect_timeout, ctx.h3_pool.get(addr)).await {
@@ -593,6 +597,9 @@ pub(super) async fn send(
         req.headers_mut()
             .insert(headers::MIRROR, http::HeaderValue::from_static("1"));
     }
+    // Which try this is (1-based), for the peer's span and logs.
+    req.headers_mut()
+        .insert(headers::ATTEMPT, http::HeaderValue::from(attempt));
     let stream = match sender.send_request(req).await {
         Ok(s) => s,
         Err(e) if matches!(e, h3::error::StreamError::HeaderTooBig { .. }) => {
