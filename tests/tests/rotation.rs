@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
 use weft_proxy::{CaCredential, IdentitySource, Limits, Sidecar, SidecarConfig};
-use weft_tests::fleet::{background, BehavingApp};
+use weft_tests::fleet::{background, BehavingApp, Client};
 use weft_tests::*;
 
 /// A CA served over HTTPS on a fixed loopback address, restartable.
@@ -294,6 +294,101 @@ async fn no_connection_outlives_the_peer_certificate() {
         assert!(refused, "a peer with an expired certificate was used");
         let handshakes = client.pool_handshakes().1;
         assert!(handshakes >= 2, "no new handshake was tried ({handshakes})");
+    })
+    .await
+    .expect("test timed out");
+}
+
+/// An HTTP/1.1 app whose response body dribbles out: `chunks` chunks,
+/// one every `every`, after an immediate response head.
+async fn slow_body_app(chunks: usize, every: Duration) -> SocketAddr {
+    use http_body_util::StreamBody;
+    let listener = TcpListener::bind(any_port()).await.expect("bind app");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    move |req: http::Request<hyper::body::Incoming>| async move {
+                        let slow = req.uri().path() == "/slow";
+                        let n = if slow { chunks } else { 1 };
+                        let frames = futures::stream::unfold(0, move |i| async move {
+                            if i == n {
+                                return None;
+                            }
+                            if slow {
+                                tokio::time::sleep(every).await;
+                            }
+                            let frame =
+                                hyper::body::Frame::data(bytes::Bytes::from_static(b"0123456789"));
+                            Some((Ok::<_, std::convert::Infallible>(frame), i + 1))
+                        });
+                        Ok::<_, std::convert::Infallible>(http::Response::new(StreamBody::new(
+                            frames,
+                        )))
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_streaming_while_its_connection_is_replaced_completes() {
+    tokio::time::timeout(Duration::from_secs(60), async {
+        let ca = TestCa::new(TD);
+        let app = slow_body_app(20, Duration::from_millis(100)).await;
+        let mesh = weft_tests::mesh(TD, &[("payment", weft_proxy::mesh::Protocol::Http)]);
+        // A static 12 s certificate: the client's pool stops using its
+        // connection about a tenth of that before it expires.
+        let creds = ca.creds_for(&ca.id("payment"), Duration::from_secs(12));
+        let not_after = weft_transport::tls::not_after_of(&creds.chain[0]).expect("not after");
+        let server = sidecar(&mesh, creds, Some(app), &[], Limits::default()).await;
+        let client = sidecar(
+            &mesh,
+            ca.creds("customer"),
+            None,
+            &["payment"],
+            Limits::default(),
+        )
+        .await;
+        let mesh = with_endpoint(mesh, "payment", server.inbound_addr);
+        client.set_mesh(mesh.clone());
+        server.set_mesh(mesh);
+        let c = Client::new(client.upstream_addrs["payment"]);
+        assert_eq!(c.get("/quick", &[]).await.expect("quick").status, 200);
+        assert_eq!(client.pool_handshakes().0, 1);
+
+        // Time is the thing under test: start a 2 s body 2.5 s before the
+        // certificate expires, then make the pool replace the connection
+        // (a request after its replacement point) while the body streams.
+        let at = |before: Duration| {
+            let wait = (not_after - before)
+                .duration_since(std::time::SystemTime::now())
+                .unwrap_or_default();
+            tokio::time::sleep(wait)
+        };
+        at(Duration::from_millis(2500)).await;
+        let slow = tokio::spawn(c.get("/slow", &[]));
+        at(Duration::from_millis(700)).await;
+        assert_eq!(c.get("/quick", &[]).await.expect("quick").status, 200);
+        assert_eq!(
+            client.pool_handshakes().0,
+            2,
+            "the connection was not replaced"
+        );
+        let slow = slow.await.expect("task").expect("the slow response");
+        assert_eq!(slow.status, 200);
+        assert_eq!(
+            slow.body.len(),
+            200,
+            "the body was cut short: {:?}",
+            slow.body
+        );
     })
     .await
     .expect("test timed out");

@@ -280,6 +280,11 @@ pub(super) struct Sent {
     pub recv: ClientRecv,
     pub peer: String,
     pub upload: Upload,
+    /// Keeps the HTTP/3 connection open until this response is done: h3
+    /// closes a connection when its last `SendRequest` is dropped, and the
+    /// pool drops its own when it replaces the connection (certificate
+    /// rotation), which would cut this response's body short.
+    pub sender: crate::sidecar::H3Sender,
 }
 
 /// The task sending the request body; dropping this stops it, so a
@@ -515,11 +520,12 @@ fn stream_response<H: Send + 'static>(sent: Sent, hold: H) -> (Response<ProxyBod
         recv,
         peer,
         upload,
+        sender,
     } = sent;
     tokio::spawn(async move {
-        // The upload may still be running (the peer answered early); it and
-        // `hold` end with the response body.
-        let _hold = (hold, upload);
+        // The upload may still be running (the peer answered early); it,
+        // `hold` and the connection handle end with the response body.
+        let _hold = (hold, upload, sender);
         if let Err(e) = body::h3_to_channel(recv, tx).await {
             tracing::debug!(error = %e, "response body ended early");
         }
@@ -630,6 +636,7 @@ pub(super) async fn send(
             recv,
             peer: peer.to_string(),
             upload,
+            sender,
         }),
         Err(e) => {
             let refused = matches!(
