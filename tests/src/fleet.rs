@@ -611,3 +611,32 @@ impl Background {
         );
     }
 }
+
+/// A client sidecar (`customer`, with an upstream listener for `payment`)
+/// and a server sidecar (`payment`, in front of a [`BehavingApp`]), each
+/// with the identity source `identity(name)` gives (e.g. a CA and a token).
+pub async fn ca_pair(
+    identity: impl Fn(&str) -> weft_proxy::IdentitySource,
+) -> (Sidecar, Sidecar, BehavingApp) {
+    let app = BehavingApp::start("payment").await;
+    let mut mesh = crate::mesh(TD, &[("payment", weft_proxy::mesh::Protocol::Http)]);
+    let start = |name: &str, app: Option<SocketAddr>, upstreams: Vec<(String, SocketAddr)>| {
+        let cfg = weft_proxy::SidecarConfig {
+            mesh: mesh.clone(),
+            identity: identity(name),
+            inbound: any_port(),
+            admin: any_port(),
+            app,
+            upstreams,
+            limits: Limits::default(),
+            tracing: Default::default(),
+        };
+        async move { Sidecar::start(cfg).await.expect("sidecar starts") }
+    };
+    let server = start("payment", Some(app.addr), vec![]).await;
+    let client = start("customer", None, vec![("payment".into(), any_port())]).await;
+    mesh = crate::with_endpoint(mesh, "payment", server.inbound_addr);
+    client.set_mesh(mesh.clone());
+    server.set_mesh(mesh);
+    (client, server, app)
+}

@@ -760,3 +760,35 @@ pub async fn http_get(addr: SocketAddr, host: &str, path: &str) -> (u16, http::H
     let body = resp.into_body().collect().await.expect("body").to_bytes();
     (status, headers, body)
 }
+
+/// A GET with `:authority` = `authority` over our own HTTP/3 client,
+/// presenting `cert` (or none). Ok is the response status; Err is how the
+/// connection ended.
+pub async fn h3_attempt(
+    addr: SocketAddr,
+    roots: &[rustls_pki_types::CertificateDer<'static>],
+    cert: Option<ClientCert>,
+    authority: &str,
+) -> Result<u16, quinn::ConnectionError> {
+    let endpoint = quic_client(roots, cert, b"h3");
+    let conn = endpoint.connect(addr, "weft.mesh").expect("dial").await?;
+    let result = async {
+        let (mut driver, mut sender) = h3::client::new(h3_quinn::Connection::new(conn.clone()))
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::spawn(async move { futures::future::poll_fn(|cx| driver.poll_close(cx)).await });
+        let req = http::Request::get(format!("https://{authority}/attempt"))
+            .body(())
+            .expect("request");
+        let mut stream = sender.send_request(req).await.map_err(|e| e.to_string())?;
+        // Finishing may race with an early answer; the response is what counts.
+        let _ = stream.finish().await;
+        let resp = stream.recv_response().await.map_err(|e| e.to_string())?;
+        Ok::<u16, String>(resp.status().as_u16())
+    }
+    .await;
+    match result {
+        Ok(status) => Ok(status),
+        Err(_) => Err(conn.closed().await),
+    }
+}

@@ -23,8 +23,8 @@ use std::time::{Duration, Instant};
 use rustls_pki_types::CertificateDer;
 use tokio::net::TcpListener;
 use weft_ca::Ca;
-use weft_proxy::{CaCredential, IdentitySource, Limits, Sidecar, SidecarConfig};
-use weft_tests::fleet::{background, BehavingApp};
+use weft_proxy::{CaCredential, IdentitySource, Sidecar};
+use weft_tests::fleet::{background, ca_pair};
 use weft_tests::*;
 
 /// Whole-test bound.
@@ -53,32 +53,6 @@ fn identity(ca: &Ca, url: &str, name: &str) -> IdentitySource {
         ),
         expect_id: Some(id),
     }
-}
-
-/// A client sidecar (customer) and a server sidecar (payment, in front of
-/// an app), both with certificates from the CA at `url`.
-async fn pair(ca: &Ca, url: &str) -> (Sidecar, Sidecar, BehavingApp) {
-    let app = BehavingApp::start("payment").await;
-    let mut mesh = weft_tests::mesh(TD, &[("payment", weft_proxy::mesh::Protocol::Http)]);
-    let start = |name: &str, app: Option<SocketAddr>, upstreams: Vec<(String, SocketAddr)>| {
-        let cfg = SidecarConfig {
-            mesh: mesh.clone(),
-            identity: identity(ca, url, name),
-            inbound: any_port(),
-            admin: any_port(),
-            app,
-            upstreams,
-            limits: Limits::default(),
-            tracing: Default::default(),
-        };
-        async move { Sidecar::start(cfg).await.expect("sidecar starts") }
-    };
-    let server = start("payment", Some(app.addr), vec![]).await;
-    let client = start("customer", None, vec![("payment".into(), any_port())]).await;
-    mesh = with_endpoint(mesh, "payment", server.inbound_addr);
-    client.set_mesh(mesh.clone());
-    server.set_mesh(mesh);
-    (client, server, app)
 }
 
 /// A sidecar's `/certs`.
@@ -137,38 +111,6 @@ async fn presented_serial(
         .ok_or("no peer certificate")?;
     conn.close(0u32.into(), b"probe done");
     Ok(serial)
-}
-
-/// A GET with `:authority` = `authority` over our own HTTP/3 client,
-/// presenting `cert`. Ok is the response status; Err is how the connection
-/// ended (copied from tests/security.rs).
-async fn h3_attempt(
-    addr: SocketAddr,
-    roots: &[CertificateDer<'static>],
-    cert: ClientCert,
-    authority: &str,
-) -> Result<u16, quinn::ConnectionError> {
-    let endpoint = quic_client(roots, Some(cert), b"h3");
-    let conn = endpoint.connect(addr, "weft.mesh").expect("dial").await?;
-    let result = async {
-        let (mut driver, mut sender) = h3::client::new(h3_quinn::Connection::new(conn.clone()))
-            .await
-            .map_err(|e| e.to_string())?;
-        tokio::spawn(async move { futures::future::poll_fn(|cx| driver.poll_close(cx)).await });
-        let req = http::Request::get(format!("https://{authority}/attempt"))
-            .body(())
-            .expect("request");
-        let mut stream = sender.send_request(req).await.map_err(|e| e.to_string())?;
-        // Finishing may race with an early answer; the response is what counts.
-        let _ = stream.finish().await;
-        let resp = stream.recv_response().await.map_err(|e| e.to_string())?;
-        Ok::<u16, String>(resp.status().as_u16())
-    }
-    .await;
-    match result {
-        Ok(status) => Ok(status),
-        Err(_) => Err(conn.closed().await),
-    }
 }
 
 /// Mesh credentials for `name`, issued locally by `ca` (as `weft-ca issue`).
@@ -257,7 +199,7 @@ async fn root_rotation_procedure_under_load_fails_no_request() {
         let ca_addr = listener.local_addr().expect("CA address");
         let url = format!("https://{ca_addr}");
         let old_task = serve(old.clone(), listener);
-        let (client, server, app) = pair(&old, &url).await;
+        let (client, server, app) = ca_pair(|name| identity(&old, &url, name)).await;
         let l = background(client.upstream_addrs["payment"], 4);
         assert!(
             wait_until(PHASE, || async { l.ok() >= 50 }).await,
@@ -355,7 +297,7 @@ async fn root_rotation_procedure_under_load_fails_no_request() {
         let status = h3_attempt(
             server.inbound_addr,
             std::slice::from_ref(&new_root),
-            issued(&old, "old-peer"),
+            Some(issued(&old, "old-peer")),
             "payment",
         )
         .await
@@ -379,7 +321,7 @@ async fn root_rotation_procedure_under_load_fails_no_request() {
         let err = h3_attempt(
             server.inbound_addr,
             std::slice::from_ref(&new_root),
-            issued(&old, "old-peer"),
+            Some(issued(&old, "old-peer")),
             "payment",
         )
         .await
@@ -388,7 +330,7 @@ async fn root_rotation_procedure_under_load_fails_no_request() {
         let status = h3_attempt(
             server.inbound_addr,
             std::slice::from_ref(&new_root),
-            issued(&new_admin, "new-peer"),
+            Some(issued(&new_admin, "new-peer")),
             "payment",
         )
         .await

@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
-use weft_proxy::{CaCredential, IdentitySource, Limits, Sidecar, SidecarConfig};
-use weft_tests::fleet::{background, BehavingApp, Client};
+use weft_proxy::{CaCredential, IdentitySource, Limits};
+use weft_tests::fleet::{background, ca_pair, Client};
 use weft_tests::*;
 
 /// A CA served over HTTPS on a fixed loopback address, restartable.
@@ -80,32 +80,6 @@ impl CaService {
     }
 }
 
-/// A client sidecar and a server sidecar (in front of an app), both with
-/// certificates from `ca`.
-async fn pair(ca: &CaService) -> (Sidecar, Sidecar, BehavingApp) {
-    let app = BehavingApp::start("payment").await;
-    let mut mesh = weft_tests::mesh(TD, &[("payment", weft_proxy::mesh::Protocol::Http)]);
-    let start = |name: &str, app: Option<SocketAddr>, upstreams: Vec<(String, SocketAddr)>| {
-        let cfg = SidecarConfig {
-            mesh: mesh.clone(),
-            identity: ca.identity(name),
-            inbound: any_port(),
-            admin: any_port(),
-            app,
-            upstreams,
-            limits: Limits::default(),
-            tracing: Default::default(),
-        };
-        async move { Sidecar::start(cfg).await.expect("sidecar starts") }
-    };
-    let server = start("payment", Some(app.addr), vec![]).await;
-    let client = start("customer", None, vec![("payment".into(), any_port())]).await;
-    mesh = with_endpoint(mesh, "payment", server.inbound_addr);
-    client.set_mesh(mesh.clone());
-    server.set_mesh(mesh);
-    (client, server, app)
-}
-
 /// `/certs` of a sidecar: (serial, seconds left).
 async fn certs(admin: SocketAddr) -> (String, i64) {
     let (status, body) = admin_get(admin, "/certs").await;
@@ -120,7 +94,7 @@ async fn certs(admin: SocketAddr) -> (String, i64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_second_leaves_rotate_under_load_without_a_failed_request() {
     let ca = CaService::start(Duration::from_secs(10)).await;
-    let (client, server, app) = pair(&ca).await;
+    let (client, server, app) = ca_pair(|name| ca.identity(name)).await;
     let l = background(client.upstream_addrs["payment"], 4);
     let mut serials = [BTreeSet::new(), BTreeSet::new()];
     let started = Instant::now();
@@ -175,7 +149,7 @@ async fn ten_second_leaves_rotate_under_load_without_a_failed_request() {
 async fn a_ca_outage_fails_closed_at_expiry_and_recovers_without_restart() {
     let ttl = Duration::from_secs(6);
     let mut ca = CaService::start(ttl).await;
-    let (client, server, _app) = pair(&ca).await;
+    let (client, server, _app) = ca_pair(|name| ca.identity(name)).await;
     let l = background(client.upstream_addrs["payment"], 2);
     ca.stop();
     let stopped = Instant::now();
