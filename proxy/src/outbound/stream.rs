@@ -156,7 +156,7 @@ async fn connect(ctx: &Arc<Ctx>, service: &str) -> Result<Connected, String> {
         tried.push(ep.addr());
         let in_flight = ep.start();
         let started = Instant::now();
-        let (error, refused) = match open(ctx, &cluster, &backend.service, &ep).await {
+        let error = match open(ctx, &cluster, &backend.service, &ep).await {
             Ok((send, recv, peer)) => {
                 ep.observe_latency(started.elapsed(), Instant::now());
                 record(ctx, &cluster, &ep, AttemptResult::Status(200));
@@ -168,13 +168,11 @@ async fn connect(ctx: &Arc<Ctx>, service: &str) -> Result<Connected, String> {
                     hold: (permit, in_flight),
                 });
             }
-            Err(e) => e,
+            // The peer refused us (authorization, unknown service): another
+            // endpoint would too, and the endpoint is healthy.
+            Err(OpenError::Refused(msg)) => return Err(msg),
+            Err(OpenError::Failed(msg)) => msg,
         };
-        // The peer refused us (authorization, unknown service): another
-        // endpoint would too, and the endpoint is healthy.
-        if refused {
-            return Err(error);
-        }
         record(ctx, &cluster, &ep, AttemptResult::ConnectFailure);
         let p = &route.retries;
         let elsewhere = endpoints.iter().any(|e| !tried.contains(&e.addr()));
@@ -219,25 +217,11 @@ fn record(ctx: &Ctx, cluster: &Cluster, ep: &EndpointState, result: AttemptResul
     }
 }
 
-/// Open a stream to one endpoint and complete the preamble exchange. An
-/// error says whether the peer *refused* the stream (a policy answer, not a
-/// failure: `true`) or could not be reached or reach its app (`false`).
-async fn open(
-    ctx: &Arc<Ctx>,
-    cluster: &Cluster,
-    service: &str,
-    ep: &EndpointState,
-) -> Result<(quinn::SendStream, quinn::RecvStream, String), (String, bool)> {
-    open_inner(ctx, cluster, service, ep)
-        .await
-        .map_err(|e| match e {
-            OpenError::Failed(m) => (m, false),
-            OpenError::Refused(m) => (m, true),
-        })
-}
-
+/// Why a stream could not be opened.
 enum OpenError {
+    /// The endpoint or its app could not be reached: try another.
     Failed(String),
+    /// The peer answered and said no (a policy answer, not a failure).
     Refused(String),
 }
 
@@ -247,7 +231,8 @@ impl From<String> for OpenError {
     }
 }
 
-async fn open_inner(
+/// Open a stream to one endpoint and complete the preamble exchange.
+async fn open(
     ctx: &Arc<Ctx>,
     cluster: &Cluster,
     service: &str,
