@@ -346,6 +346,44 @@ async fn expired_certificate_is_refused() {
     .expect("test timed out");
 }
 
+/// Connections close at the peer's not-after (pool and inbound), so the
+/// verifier must refuse the certificate from that second on; webpki alone
+/// accepts it until the second is over, which let a client reconnect to a
+/// server whose last connection had just died of the same expiry.
+#[test]
+fn a_certificate_is_refused_from_its_not_after_second() {
+    use rustls_pki_types::UnixTime;
+    let ca = TestCa::new(TD);
+    let id = ca.id("customer");
+    let hour = time::Duration::hours(1);
+    let end = now().replace_nanosecond(0).expect("whole second") + hour;
+    let (chain, _) = leaf_signed_by_our_root(&ca, &[&id], now() - hour, end);
+    let tls = weft_transport::tls::MeshTls::new(TD, &ca.creds("server")).expect("tls");
+    let at = |t: time::OffsetDateTime| {
+        UnixTime::since_unix_epoch(Duration::from_secs(
+            u64::try_from(t.unix_timestamp()).expect("after 1970"),
+        ))
+    };
+    let usage = || webpki::KeyUsage::client_auth();
+    let before = tls.verify_peer(
+        &chain[0],
+        &[],
+        at(end - time::Duration::seconds(1)),
+        usage(),
+    );
+    assert_eq!(before.expect("valid one second before").to_string(), id);
+    let err = tls
+        .verify_peer(&chain[0], &[], at(end), usage())
+        .expect_err("refused in its not-after second");
+    assert!(
+        matches!(
+            err,
+            rustls::Error::InvalidCertificate(rustls::CertificateError::Expired)
+        ),
+        "{err:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn certificate_with_two_uri_sans_is_refused() {
     tokio::time::timeout(LIMIT, async {

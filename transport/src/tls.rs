@@ -180,6 +180,18 @@ impl MeshTls {
             None,
         )
         .map_err(webpki_error)?;
+        // webpki accepts a certificate through the whole second of its
+        // not-after; our connections close at that instant (pool and
+        // inbound), so a handshake in that second must fail too, or a peer
+        // could reconnect with a certificate its last connection died of.
+        let expired = std::iter::once(end_entity)
+            .chain(intermediates)
+            .filter_map(not_after_of)
+            .filter_map(|end| end.duration_since(std::time::UNIX_EPOCH).ok())
+            .any(|end| end.as_secs() <= now.as_secs());
+        if expired {
+            return Err(rustls::Error::InvalidCertificate(CertificateError::Expired));
+        }
         spiffe_id_of(end_entity, &self.trust_domain).map_err(|e| {
             rustls::Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(
                 Arc::new(e),
