@@ -100,6 +100,9 @@ pub struct SidecarArgs {
     /// Concurrent inbound QUIC connections.
     #[arg(long, env = "WEFT_MAX_CONNECTIONS", default_value_t = Limits::default().max_connections)]
     pub max_connections: usize,
+    /// Runtime worker threads (the sidecar's share of CPU cores) [default: one per CPU].
+    #[arg(long, env = "WEFT_WORKERS", value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub workers: Option<u16>,
     #[command(flatten)]
     pub tracing: TraceArgs,
 }

@@ -20,7 +20,7 @@ fn main() -> ExitCode {
         _ => "info",
     };
     weft_proxy::logging::init(default_level);
-    let rt = match tokio::runtime::Runtime::new() {
+    let rt = match runtime(&cli.command) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("weft: cannot start the runtime: {e}");
@@ -28,6 +28,19 @@ fn main() -> ExitCode {
         }
     };
     rt.block_on(run(cli.command))
+}
+
+/// The tokio runtime: `weft sidecar --workers N` sets its worker threads
+/// (so benchmarks can give every proxy the same cores); otherwise one per CPU.
+fn runtime(cmd: &Command) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    if let Command::Sidecar(args) = cmd {
+        if let Some(n) = args.workers {
+            builder.worker_threads(usize::from(n));
+        }
+    }
+    builder.build()
 }
 
 async fn run(cmd: Command) -> ExitCode {
