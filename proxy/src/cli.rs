@@ -38,6 +38,8 @@ pub enum Command {
         #[arg(long, value_name = "SECS")]
         duration: Option<u64>,
     },
+    /// Add the Weft sidecar to the Kubernetes workloads of a YAML stream (docs/kubernetes.md).
+    Inject(Box<crate::inject::InjectArgs>),
 }
 
 #[derive(Debug, Args)]

@@ -13,6 +13,7 @@ pub mod demo;
 pub mod headers;
 pub mod identity;
 pub mod inbound;
+pub mod inject;
 pub mod logging;
 pub mod mesh;
 pub mod metrics;

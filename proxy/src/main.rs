@@ -70,6 +70,7 @@ async fn run(cmd: Command) -> ExitCode {
                 }
             }
         }
+        Command::Inject(args) => weft_proxy::inject::run(*args),
         Command::Sidecar(args) => {
             let mesh_path = args.mesh.clone();
             let cfg = match (*args).into_config() {
