@@ -516,6 +516,8 @@ fn inject_pod(pod: &mut Mapping, opts: &InjectOptions) -> Result<Option<String>,
         return Err("spec.containers is empty or missing".into());
     }
     let mut first_port = None;
+    // kubelet probes come from the node as plain TCP: strict mode must let them in.
+    let mut probe_ports = std::collections::BTreeSet::new();
     for c in &containers {
         let name = name_of(c).ok_or("a container in spec.containers has no name")?;
         if name == SIDECAR_CONTAINER || name == IPTABLES_CONTAINER {
@@ -547,6 +549,7 @@ fn inject_pod(pod: &mut Mapping, opts: &InjectOptions) -> Result<Option<String>,
                 first_port = u16::try_from(port).ok();
             }
         }
+        probe_ports.extend(probe_ports_of(c));
     }
     // Traffic of the sidecar's UID bypasses the iptables rules.
     let uid = |v: Option<&Value>| v.and_then(|s| s.get("runAsUser")).and_then(Value::as_u64);
@@ -584,7 +587,7 @@ fn inject_pod(pod: &mut Mapping, opts: &InjectOptions) -> Result<Option<String>,
     // init containers already run with the mesh) and are built fresh.
     let theirs = |v: &Value, ours: &[&str]| !name_of(v).is_some_and(|n| ours.contains(&n));
     let mut init = vec![
-        to_value(&iptables_container(opts))?,
+        to_value(&iptables_container(opts, &probe_ports))?,
         to_value(&sidecar_container(opts, app_port))?,
     ];
     init.extend(
@@ -637,6 +640,40 @@ fn inject_pod(pod: &mut Mapping, opts: &InjectOptions) -> Result<Option<String>,
     }
     annotations.insert(INJECTED_ANNOTATION.into(), "true".into());
     Ok(None)
+}
+
+/// The TCP ports a container's probes use (named ports resolved).
+fn probe_ports_of(c: &Value) -> Vec<u16> {
+    let named = |name: &str| {
+        c.get("ports")
+            .and_then(Value::as_sequence)
+            .into_iter()
+            .flatten()
+            .find(|p| p.get("name").and_then(Value::as_str) == Some(name))
+            .and_then(|p| p.get("containerPort"))
+            .and_then(Value::as_u64)
+    };
+    let mut ports = Vec::new();
+    for probe in ["startupProbe", "readinessProbe", "livenessProbe"] {
+        for kind in ["httpGet", "tcpSocket", "grpc"] {
+            let Some(action) = c.get(probe).and_then(|p| p.get(kind)) else {
+                continue;
+            };
+            // A probe of another host does not come into this pod.
+            if action.get("host").is_some() {
+                continue;
+            }
+            let port = match action.get("port") {
+                Some(Value::Number(n)) => n.as_u64(),
+                Some(Value::String(s)) => s.parse().ok().or_else(|| named(s)),
+                _ => None,
+            };
+            if let Some(p) = port.and_then(|p| u16::try_from(p).ok()) {
+                ports.push(p);
+            }
+        }
+    }
+    ports
 }
 
 fn to_value<T: Serialize>(v: &T) -> Result<Value, String> {
@@ -822,7 +859,24 @@ fn security_context(uid: u32, add: Vec<&'static str>) -> SecurityContext {
 
 /// Runs once before the sidecar: installs the interception rules in the
 /// pod's network namespace. Root, but with NET_ADMIN and NET_RAW only.
-fn iptables_container(opts: &InjectOptions) -> Container {
+fn iptables_container(
+    opts: &InjectOptions,
+    probe_ports: &std::collections::BTreeSet<u16>,
+) -> Container {
+    // Admin, so kubelet probes and Prometheus reach the sidecar (QUIC is UDP
+    // anyway), and the ports of the app's own probes, which kubelet sends as
+    // plain TCP from the node.
+    let mut open = vec![ADMIN_PORT, INBOUND_PORT];
+    open.extend(
+        probe_ports
+            .iter()
+            .filter(|p| ![ADMIN_PORT, INBOUND_PORT].contains(p)),
+    );
+    let open = open
+        .iter()
+        .map(u16::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
     let args = [
         "iptables",
         "install",
@@ -836,9 +890,8 @@ fn iptables_container(opts: &InjectOptions) -> Container {
         "strict",
         "--inbound-ports",
         "*",
-        // Admin, so kubelet probes and Prometheus reach the sidecar; QUIC is UDP anyway.
         "--exclude-inbound-ports",
-        &format!("{ADMIN_PORT},{INBOUND_PORT}"),
+        &open,
     ];
     Container {
         name: IPTABLES_CONTAINER,

@@ -180,8 +180,11 @@ fn assert_injected(who: &str, pod: &Value) {
     // The iptables init container: runs once, before the sidecar, root with
     // exactly NET_ADMIN and NET_RAW.
     assert!(iptables.get("restartPolicy").is_none(), "{who}");
+    let args = strs(&iptables["args"]);
+    assert_eq!(args.len(), 14, "{who}: {args:?}");
+    assert!(args[13].starts_with("15000,15008"), "{who}: {args:?}");
     assert_eq!(
-        strs(&iptables["args"]),
+        args[..13],
         [
             "iptables",
             "install",
@@ -196,7 +199,6 @@ fn assert_injected(who: &str, pod: &Value) {
             "--inbound-ports",
             "*",
             "--exclude-inbound-ports",
-            "15000,15008"
         ],
         "{who}"
     );
@@ -486,6 +488,11 @@ fn inject_output_validates_passes_other_kinds_through_and_is_idempotent() {
     // Their own init containers run after ours, with the mesh up.
     let web = pod_of(find(&objects, "Deployment", "web")).expect("pod");
     assert_eq!(web["spec"]["initContainers"][2]["name"], "wait-for-db");
+    // Its readiness probe's port stays open to kubelet in strict mode.
+    assert_eq!(
+        strs(&web["spec"]["initContainers"][0]["args"])[13],
+        "15000,15008,8080"
+    );
     let db = pod_of(find(&objects, "StatefulSet", "db")).expect("pod");
     assert!(strs(&db["spec"]["initContainers"][1]["args"]).contains(&"--app=127.0.0.1:5432"));
     // The Service and ConfigMap documents come out byte for byte, comments included.

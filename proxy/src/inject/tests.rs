@@ -454,6 +454,23 @@ fn documents_split_only_at_markers() {
 }
 
 #[test]
+fn ports_of_the_apps_probes_stay_open_to_kubelet() {
+    let text = DEPLOYMENT.replace(
+        "        - containerPort: 8080\n",
+        "        - containerPort: 8080\n          name: http\n        - containerPort: 9090\n\
+         \x20       readinessProbe: {httpGet: {path: /healthz, port: http}}\n\
+         \x20       livenessProbe: {tcpSocket: {port: 9090}}\n\
+         \x20       startupProbe: {httpGet: {host: example.org, port: 80}}\n",
+    );
+    let out = parse(&inject(&text).output);
+    let a = args(&pod_spec(&out)["initContainers"][0]);
+    assert_eq!(
+        a[a.len() - 2..],
+        ["--exclude-inbound-ports", "15000,15008,8080,9090"]
+    );
+}
+
+#[test]
 fn injected_commands_parse_as_the_weft_cli() {
     use clap::Parser;
     let out = parse(&inject(DEPLOYMENT).output);
