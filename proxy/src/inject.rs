@@ -74,11 +74,6 @@ pub const DEFAULT_CA_AUDIENCE: &str = "weft-ca";
 pub const DEFAULT_CA_BUNDLE_CONFIGMAP: &str = "weft-ca-bundle";
 pub const DEFAULT_MESH_CONFIGMAP: &str = "weft-mesh";
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
-/// Protocols where the server speaks first (SMTP, MySQL, Galera, PostgreSQL
-/// STARTTLS aside, Redis, Elasticsearch transport, memcached): the sidecar
-/// must not wait to peek a client's first bytes. Linkerd's opaque-ports list.
-pub const DEFAULT_SERVER_FIRST_PORTS: &str = "25,587,3306,4444,5432,6379,9300,11211";
-
 /// What the injected containers look like. The defaults match `deploy/k8s/base`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct InjectOptions {
@@ -107,9 +102,10 @@ pub struct InjectOptions {
     /// What the sidecar does with intercepted connections to no mesh service.
     #[arg(long, value_name = "POLICY", default_value = "allow", value_parser = ["allow", "deny"])]
     pub outbound_policy: String,
-    /// Ports whose protocol talks first from the server (no protocol sniffing).
-    #[arg(long, value_name = "LIST", default_value = DEFAULT_SERVER_FIRST_PORTS)]
-    pub server_first_ports: String,
+    /// Ports whose protocol talks first from the server (no protocol sniffing)
+    /// [default: the sidecar's own default list].
+    #[arg(long, value_name = "LIST")]
+    pub server_first_ports: Option<String>,
     /// How long the sidecar drains at shutdown; the pod's grace period is set above it.
     #[arg(long, value_name = "DURATION", default_value = "20s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
@@ -126,7 +122,7 @@ impl Default for InjectOptions {
             mesh_configmap: DEFAULT_MESH_CONFIGMAP.to_string(),
             trust_domain: DEFAULT_TRUST_DOMAIN.to_string(),
             outbound_policy: "allow".to_string(),
-            server_first_ports: DEFAULT_SERVER_FIRST_PORTS.to_string(),
+            server_first_ports: None,
             drain_timeout: Duration::from_secs(20),
         }
     }
@@ -165,12 +161,11 @@ impl InjectOptions {
         if let Err(e) = weft_transport::spiffe::validate_trust_domain(&self.trust_domain) {
             return bad(format!("--trust-domain {:?}: {e}", self.trust_domain));
         }
-        if !self.server_first_ports.is_empty() {
-            for p in self.server_first_ports.split(',') {
+        if let Some(list) = &self.server_first_ports {
+            for p in list.split(',') {
                 if !matches!(p.trim().parse::<u16>(), Ok(n) if n > 0) {
                     return bad(format!(
-                        "--server-first-ports {:?}: {p:?} is not a port number",
-                        self.server_first_ports
+                        "--server-first-ports {list:?}: {p:?} is not a port number"
                     ));
                 }
             }
@@ -951,8 +946,8 @@ fn sidecar_container(opts: &InjectOptions, app_port: Option<u16>) -> Container {
         format!("--capture-outbound=[::1]:{OUTBOUND_PORT}"),
         format!("--outbound-policy={}", opts.outbound_policy),
     ]);
-    if !opts.server_first_ports.is_empty() {
-        args.push(format!("--server-first-ports={}", opts.server_first_ports));
+    if let Some(list) = &opts.server_first_ports {
+        args.push(format!("--server-first-ports={list}"));
     }
     args.push(format!(
         "--drain-timeout={}",

@@ -144,6 +144,8 @@ fn deployment_gets_iptables_then_native_sidecar_then_its_own_init_containers() {
     ] {
         assert!(a.contains(&flag), "{flag} missing from {a:?}");
     }
+    // The sidecar's own default list applies unless inject is told otherwise.
+    assert!(!a.iter().any(|f| f.starts_with("--server-first-ports")));
 
     assert_eq!(
         names(&spec["volumes"]),
@@ -425,7 +427,7 @@ fn bad_options_are_refused_before_any_document() {
         ),
         (
             InjectOptions {
-                server_first_ports: "25,smtp".into(),
+                server_first_ports: Some("25,smtp".into()),
                 ..InjectOptions::default()
             },
             "--server-first-ports",
