@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use crate::compare::{Report, Summary};
 
@@ -81,17 +82,19 @@ fn bars(path: &Path, title: &str, unit: &str, data: &[(String, f64)]) -> DrawRes
         .filter(|v| v.is_finite())
         .fold(0.0, f64::max);
     let top = if top > 0.0 { top * 1.15 } else { 1.0 };
-    let n = data.len().max(1) as u32;
+    // A segmented 0..k range has k + 1 segments: one per bar.
+    let last = (data.len().max(2) - 1) as u32;
     let mut chart = ChartBuilder::on(&root)
         .caption(title, ("sans-serif", 18))
         .margin(15)
         .x_label_area_size(35)
         .y_label_area_size(70)
-        .build_cartesian_2d((0u32..n).into_segmented(), 0f64..top)?;
+        .build_cartesian_2d((0u32..last).into_segmented(), 0f64..top)?;
     chart
         .configure_mesh()
         .disable_x_mesh()
         .y_desc(unit)
+        .y_label_formatter(&|v| short(*v))
         .x_label_formatter(&|x| match x {
             SegmentValue::CenterOf(i) => data
                 .get(*i as usize)
@@ -116,8 +119,9 @@ fn bars(path: &Path, title: &str, unit: &str, data: &[(String, f64)]) -> DrawRes
     chart.draw_series(data.iter().enumerate().map(|(i, (_, v))| {
         Text::new(
             short(*v),
-            (SegmentValue::CenterOf(i as u32), *v + top * 0.02),
-            ("sans-serif", 14).into_font(),
+            (SegmentValue::CenterOf(i as u32), *v + top * 0.01),
+            TextStyle::from(("sans-serif", 14).into_font())
+                .pos(Pos::new(HPos::Center, VPos::Bottom)),
         )
     }))?;
     root.present()?;
@@ -125,10 +129,15 @@ fn bars(path: &Path, title: &str, unit: &str, data: &[(String, f64)]) -> DrawRes
 }
 
 fn short(v: f64) -> String {
-    if v >= 10_000.0 {
+    let a = v.abs();
+    if a >= 10_000.0 {
         format!("{:.1}k", v / 1000.0)
-    } else if v >= 100.0 {
+    } else if a >= 100.0 || a == 0.0 {
         format!("{v:.0}")
+    } else if a >= 10.0 {
+        format!("{v:.1}")
+    } else if a >= 1.0 {
+        format!("{v:.2}")
     } else {
         format!("{v:.3}")
     }
@@ -154,10 +163,12 @@ fn percentiles(path: &Path, title: &str, series: &[(String, [(&str, f64); 5])]) 
         .margin(15)
         .x_label_area_size(35)
         .y_label_area_size(70)
-        .build_cartesian_2d((0u32..5).into_segmented(), (lo..hi).log_scale())?;
+        .build_cartesian_2d((0u32..4).into_segmented(), (lo..hi).log_scale())?;
     chart
         .configure_mesh()
         .y_desc("latency, ms (log scale)")
+        .y_labels(12)
+        .y_label_formatter(&|v| short(*v))
         .x_label_formatter(&|x| match x {
             SegmentValue::CenterOf(i) => labels.get(*i as usize).unwrap_or(&"").to_string(),
             _ => String::new(),

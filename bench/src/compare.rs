@@ -14,6 +14,15 @@ use crate::procs::which;
 use crate::scenarios::{self, HaproxyMode, ProxySetup, Scenario};
 use crate::stats::{median, Latency};
 
+/// The scenarios besides `direct` (which always runs: everything is compared with it).
+pub const PROXY_SCENARIOS: [&str; 5] = [
+    "weft-http",
+    "weft-tcp",
+    "haproxy-h1",
+    "haproxy-h2",
+    "haproxy-tcp",
+];
+
 /// Settings of one comparison.
 #[derive(Debug, Clone, Serialize)]
 pub struct Settings {
@@ -29,6 +38,8 @@ pub struct Settings {
     pub quick: bool,
     pub weft: Option<PathBuf>,
     pub haproxy: Option<PathBuf>,
+    /// Only these proxy scenarios (empty: all).
+    pub scenarios: Vec<String>,
 }
 
 /// One test of a round.
@@ -146,23 +157,17 @@ pub fn run(settings: Settings, quiet: bool) -> anyhow::Result<Report> {
     let weft = settings.weft.as_deref();
     let haproxy = settings.haproxy.as_deref();
     let mut scenarios = vec![scenarios::direct(backend)];
-    let started = [
-        ("weft-http", scenarios::weft_pair(&setup, weft, false)),
-        ("weft-tcp", scenarios::weft_pair(&setup, weft, true)),
-        (
-            "haproxy-h1",
-            scenarios::haproxy_pair(&setup, haproxy, HaproxyMode::Http1),
-        ),
-        (
-            "haproxy-h2",
-            scenarios::haproxy_pair(&setup, haproxy, HaproxyMode::Http2),
-        ),
-        (
-            "haproxy-tcp",
-            scenarios::haproxy_pair(&setup, haproxy, HaproxyMode::Tcp),
-        ),
-    ];
-    for (name, sc) in started {
+    for name in PROXY_SCENARIOS {
+        if !settings.scenarios.is_empty() && !settings.scenarios.iter().any(|s| s == name) {
+            continue;
+        }
+        let sc = match name {
+            "weft-http" => scenarios::weft_pair(&setup, weft, false),
+            "weft-tcp" => scenarios::weft_pair(&setup, weft, true),
+            "haproxy-h1" => scenarios::haproxy_pair(&setup, haproxy, HaproxyMode::Http1),
+            "haproxy-h2" => scenarios::haproxy_pair(&setup, haproxy, HaproxyMode::Http2),
+            _ => scenarios::haproxy_pair(&setup, haproxy, HaproxyMode::Tcp),
+        };
         scenarios.push(sc.with_context(|| format!("setting up {name}"))?);
     }
 

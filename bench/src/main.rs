@@ -155,6 +155,10 @@ struct CompareArgs {
     /// The haproxy binary [default: haproxy on PATH; its scenarios are skipped without one].
     #[arg(long)]
     haproxy: Option<PathBuf>,
+    /// Only these scenarios besides direct (comma-separated; default: all):
+    /// weft-http, weft-tcp, haproxy-h1, haproxy-h2, haproxy-tcp.
+    #[arg(long, value_delimiter = ',')]
+    scenarios: Vec<String>,
     /// Print the JSON report on stdout instead of the markdown table.
     #[arg(long)]
     json: bool,
@@ -275,6 +279,16 @@ fn compare(a: CompareArgs) -> anyhow::Result<ExitCode> {
     if rounds == 0 || rates.iter().any(|r| !(*r > 0.0 && r.is_finite())) {
         bail!("--rounds must be at least 1 and every --rates value positive");
     }
+    if let Some(bad) = a
+        .scenarios
+        .iter()
+        .find(|s| !compare::PROXY_SCENARIOS.contains(&s.as_str()))
+    {
+        bail!(
+            "--scenarios: unknown scenario {bad:?}; known: {}",
+            compare::PROXY_SCENARIOS.join(", ")
+        );
+    }
     let weft = match a.weft {
         Some(p) if p.is_file() => Some(p),
         Some(p) => bail!("--weft {}: no such file", p.display()),
@@ -298,6 +312,7 @@ fn compare(a: CompareArgs) -> anyhow::Result<ExitCode> {
         quick: a.quick,
         weft,
         haproxy,
+        scenarios: a.scenarios,
     };
     let report = compare::run(settings, a.quiet)?;
     let markdown = report::compare_markdown(&report);
