@@ -32,6 +32,8 @@ pub enum Command {
         #[arg(long, env = "WEFT_MESH", value_name = "FILE")]
         mesh: PathBuf,
     },
+    /// Install or remove the iptables rules that send a pod's traffic through its sidecar.
+    Iptables(IptablesArgs),
     /// Run a CA, three services and their sidecars on loopback, send traffic, print a summary.
     Demo {
         /// Stop after this many seconds (exit 0 only if all traffic succeeded); default: run until Ctrl-C.
@@ -40,6 +42,86 @@ pub enum Command {
     },
     /// Add the Weft sidecar to the Kubernetes workloads of a YAML stream (docs/kubernetes.md).
     Inject(Box<crate::inject::InjectArgs>),
+}
+
+#[derive(Debug, Args)]
+pub struct IptablesArgs {
+    #[command(subcommand)]
+    pub action: IptablesAction,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum IptablesAction {
+    /// Capture the pod's TCP traffic (replaces earlier Weft rules).
+    Install(IptablesInstall),
+    /// Remove every Weft rule and chain.
+    Uninstall,
+}
+
+#[derive(Debug, Args)]
+pub struct IptablesInstall {
+    /// The sidecar's outbound capture port.
+    #[arg(long, default_value_t = 15001)]
+    pub outbound_port: u16,
+    /// The UID the sidecar runs as; its own connections are not captured.
+    #[arg(long, default_value_t = 1337)]
+    pub proxy_uid: u32,
+    /// The GID the sidecar runs as; its own connections are not captured.
+    #[arg(long, default_value_t = 1337)]
+    pub proxy_gid: u32,
+    /// strict: plain TCP from outside the pod to captured ports is refused; permissive: let it through.
+    #[arg(long, value_enum, default_value = "strict")]
+    pub inbound_mode: crate::intercept::iptables::InboundMode,
+    /// Inbound ports refused to non-mesh clients in strict mode: '*' (all) or a list.
+    #[arg(long, default_value = "*", value_parser = parse_port_set)]
+    pub inbound_ports: PortSet,
+    /// Inbound ports always open (admin and probes).
+    #[arg(long, value_delimiter = ',', default_value = "15000")]
+    pub exclude_inbound_ports: Vec<u16>,
+    /// Outbound destination ports not captured.
+    #[arg(long, value_delimiter = ',')]
+    pub exclude_outbound_ports: Vec<u16>,
+    /// Outbound destination networks not captured (e.g. 169.254.169.254/32).
+    #[arg(long, value_delimiter = ',')]
+    pub exclude_outbound_cidrs: Vec<crate::intercept::iptables::Cidr>,
+    /// Print the iptables-restore input for IPv4 and IPv6 instead of applying it.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+/// `*` or a comma-separated port list.
+#[derive(Debug, Clone)]
+pub struct PortSet(pub Option<Vec<u16>>);
+
+fn parse_port_set(s: &str) -> Result<PortSet, String> {
+    if s.trim() == "*" {
+        return Ok(PortSet(None));
+    }
+    s.split(',')
+        .map(|p| {
+            p.trim()
+                .parse::<u16>()
+                .ok()
+                .filter(|p| *p > 0)
+                .ok_or_else(|| format!("{p:?} is not a port (1-65535); give '*' or a list like 8080,9090"))
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(|v| PortSet(Some(v)))
+}
+
+impl IptablesInstall {
+    pub fn rules(&self) -> crate::intercept::iptables::Rules {
+        crate::intercept::iptables::Rules {
+            outbound_port: self.outbound_port,
+            proxy_uid: self.proxy_uid,
+            proxy_gid: self.proxy_gid,
+            exclude_outbound_ports: self.exclude_outbound_ports.clone(),
+            exclude_outbound_cidrs: self.exclude_outbound_cidrs.clone(),
+            inbound_mode: self.inbound_mode,
+            inbound_ports: self.inbound_ports.0.clone(),
+            exclude_inbound_ports: self.exclude_inbound_ports.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -111,6 +193,29 @@ pub struct SidecarArgs {
 
 /// Tracing and access log flags (see docs/tracing.md). Tracing is off unless an endpoint is given.
 #[derive(Debug, Args)]
+    #[command(flatten)]
+    pub capture: CaptureArgs,
+}
+
+/// Transparent interception flags (see `weft iptables` and docs/interception.md).
+#[derive(Debug, Args)]
+pub struct CaptureArgs {
+    /// Listen here for connections iptables redirects (repeatable; in a pod:
+    /// 127.0.0.1:15001 and [::1]:15001). Off when not given.
+    #[arg(long = "capture-outbound", env = "WEFT_CAPTURE_OUTBOUND", value_name = "ADDR", value_delimiter = ',')]
+    pub capture_outbound: Vec<SocketAddr>,
+    /// Intercepted connections to destinations that are no service's `addresses`: connect directly (allow) or refuse (deny).
+    #[arg(long, env = "WEFT_OUTBOUND_POLICY", value_enum, default_value = "allow")]
+    pub outbound_policy: crate::intercept::OutboundPolicy,
+    /// Destination ports whose protocols speak first from the server (never wait to detect HTTP).
+    #[arg(long, env = "WEFT_SERVER_FIRST_PORTS", value_name = "PORTS", value_delimiter = ',', default_values_t = crate::intercept::CaptureConfig::default().server_first_ports)]
+    pub server_first_ports: Vec<u16>,
+    /// How long to wait for an intercepted connection's first bytes before treating it as opaque TCP.
+    #[arg(long, env = "WEFT_PROTOCOL_DETECT_TIMEOUT", value_name = "DURATION", default_value = "100ms", value_parser = humantime::parse_duration)]
+    pub protocol_detect_timeout: Duration,
+    /// How often DNS names in the mesh file (endpoints, addresses) are looked up again.
+    #[arg(long, env = "WEFT_DNS_REFRESH", value_name = "DURATION", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub dns_refresh: Duration,
 pub struct TraceArgs {
     /// Send spans as OTLP/HTTP protobuf to URL (e.g. http://127.0.0.1:4318/v1/traces; Jaeger reads it).
     #[arg(long, env = "WEFT_TRACE_OTLP_ENDPOINT", value_name = "URL")]
@@ -225,6 +330,14 @@ impl SidecarArgs {
     }
 }
 
+            capture: crate::intercept::CaptureConfig {
+                listen: self.capture.capture_outbound,
+                outbound_policy: self.capture.outbound_policy,
+                server_first_ports: self.capture.server_first_ports,
+                detect_timeout: self.capture.protocol_detect_timeout,
+                ..crate::intercept::CaptureConfig::default()
+            },
+            dns_refresh: self.capture.dns_refresh,
 /// Wait for Ctrl-C or SIGTERM.
 pub async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();

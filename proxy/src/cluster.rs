@@ -19,9 +19,18 @@ use crate::breaker::Breaker;
 use crate::mesh::{in_subset, Endpoint, Mesh, Service};
 use crate::retry::Budget;
 
+/// DNS answers for the names a mesh file uses (see [`crate::resolve`]).
+pub type Dns = Arc<HashMap<String, Vec<std::net::IpAddr>>>;
+
 /// The mesh and the policy state of each of its services.
 pub struct State {
+    /// The mesh as given (file or API), DNS names unresolved.
+    source: Arc<Mesh>,
+    /// `source` with every DNS name resolved by `dns`: what traffic uses.
     mesh: Mesh,
+    dns: Dns,
+    /// Intercepted destination → service, from every service's `addresses`.
+    by_address: HashMap<SocketAddr, String>,
     clusters: HashMap<String, Arc<Cluster>>,
 }
 
@@ -50,6 +59,13 @@ impl State {
     /// Build the state for `mesh`, keeping what `previous` knew about every
     /// service and endpoint that is still there.
     pub fn new(mesh: Mesh, previous: Option<&State>) -> State {
+        let dns = previous.map(|p| p.dns.clone()).unwrap_or_default();
+        State::with_dns(Arc::new(mesh), dns, previous)
+    }
+
+    /// Like [`State::new`] for `source` with DNS names resolved by `dns`.
+    pub fn with_dns(source: Arc<Mesh>, dns: Dns, previous: Option<&State>) -> State {
+        let mesh = source.resolved(&dns);
         let now = Instant::now();
         let clusters = mesh
             .services
@@ -59,11 +75,37 @@ impl State {
                 (svc.name.clone(), Arc::new(Cluster::new(svc, old, now)))
             })
             .collect();
-        State { mesh, clusters }
+        let mut by_address = HashMap::new();
+        for svc in mesh.services.values() {
+            for addr in &svc.addresses {
+                by_address.insert(*addr, svc.name.clone());
+            }
+        }
+        State {
+            source,
+            mesh,
+            dns,
+            by_address,
+            clusters,
+        }
     }
 
     pub fn mesh(&self) -> &Mesh {
         &self.mesh
+    }
+
+    /// The mesh as given, before DNS resolution.
+    pub fn source(&self) -> &Arc<Mesh> {
+        &self.source
+    }
+
+    pub fn dns(&self) -> &Dns {
+        &self.dns
+    }
+
+    /// The service an intercepted connection to `dst` is for.
+    pub fn service_at(&self, dst: SocketAddr) -> Option<&str> {
+        self.by_address.get(&dst).map(String::as_str)
     }
 
     pub fn cluster(&self, service: &str) -> Option<&Arc<Cluster>> {

@@ -106,6 +106,8 @@ async fn run_in(dir: &std::path::Path, duration: Option<Duration>) -> anyhow::Re
                 upstreams,
                 limits: Limits::default(),
                 tracing: Default::default(),
+                capture: Default::default(),
+                dns_refresh: crate::resolve::DEFAULT_INTERVAL,
             };
             anyhow::Ok(Sidecar::start(cfg).await?)
         }

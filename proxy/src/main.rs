@@ -60,6 +60,7 @@ async fn run(cmd: Command) -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Iptables(args) => iptables(args),
         Command::Demo { duration } => {
             match weft_proxy::demo::run(weft_proxy::cli::demo_duration(duration)).await {
                 Ok(true) => ExitCode::SUCCESS,
@@ -104,6 +105,36 @@ async fn run(cmd: Command) -> ExitCode {
             tracing::info!("shutting down");
             sidecar.shutdown().await;
             ExitCode::SUCCESS
+        }
+    }
+}
+
+/// `weft iptables install|uninstall`.
+fn iptables(args: weft_proxy::cli::IptablesArgs) -> ExitCode {
+    use weft_proxy::cli::IptablesAction;
+    use weft_proxy::intercept::iptables::{self, Family};
+    let result = match args.action {
+        IptablesAction::Install(opts) if opts.dry_run => {
+            let rules = opts.rules();
+            println!("# IPv4 (iptables-restore --noflush)\n{}", rules.script(Family::V4));
+            println!("# IPv6 (ip6tables-restore --noflush)\n{}", rules.script(Family::V6));
+            Ok(())
+        }
+        IptablesAction::Install(opts) => iptables::install(&opts.rules()).map(|()| {
+            println!(
+                "weft iptables: installed (outbound TCP -> port {}, UID {} / GID {} excluded, inbound {:?})",
+                opts.outbound_port, opts.proxy_uid, opts.proxy_gid, opts.inbound_mode
+            )
+        }),
+        IptablesAction::Uninstall => {
+            iptables::uninstall().map(|()| println!("weft iptables: removed"))
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("weft iptables: {e}");
+            ExitCode::FAILURE
         }
     }
 }

@@ -16,6 +16,12 @@
 //! protocol = "tcp"
 //! port = 7000
 //! endpoints = ["[::1]:15308"]
+//! # Connections the sidecar intercepts to these addresses go to this service.
+//! addresses = ["10.96.0.30:7000", "echo.default.svc.cluster.local:7000"]
+//! [services.search]
+//! # A DNS name (e.g. a Kubernetes headless Service) stands for every address
+//! # it resolves to, re-resolved while the sidecar runs.
+//! endpoints = ["search.default.svc.cluster.local:15008"]
 //! ```
 
 use std::collections::BTreeMap;
@@ -29,7 +35,7 @@ use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
 mod authz;
-mod policy;
+pub(crate) mod policy;
 pub use authz::{check as authorize, Authorization, DefaultAuthorization, Denied, IdPattern};
 pub use policy::{
     Backend, Fault, FaultAbort, FaultDelay, HeaderMatch, Mirror, PathMatch, Pattern, RetryPolicy,
@@ -59,8 +65,18 @@ pub struct Service {
     pub protocol: Protocol,
     /// The app port on the peer for this service; 0 means the peer's default app.
     pub port: u16,
-    /// Never empty, no duplicate addresses.
+    /// No duplicate addresses. Never empty in a checked mesh file unless
+    /// `endpoint_names` has entries; those are resolved into more endpoints
+    /// here (see [`Mesh::resolved`]).
     pub endpoints: Vec<Endpoint>,
+    /// Endpoints given by DNS name: each stands for every address it resolves to.
+    pub endpoint_names: Vec<NamedEndpoint>,
+    /// Addresses apps dial for this service (a ClusterIP and port, say): a
+    /// connection the sidecar intercepts ([`crate::intercept`]) to one of
+    /// them goes to this service.
+    pub addresses: Vec<SocketAddr>,
+    /// Like `addresses`, by DNS name; resolved into `addresses`.
+    pub address_names: Vec<HostPort>,
     /// Never empty: tried in order, first match wins; a request no route
     /// matches uses [`Route::default_for`] (all endpoints, default policies).
     pub routes: Vec<Route>,
@@ -78,6 +94,9 @@ impl Service {
             protocol,
             port: 0,
             endpoints: Vec::new(),
+            endpoint_names: Vec::new(),
+            addresses: Vec::new(),
+            address_names: Vec::new(),
             routes: vec![Route::default_for(name)],
             policy: ServicePolicy::default(),
             authorization: None,
@@ -106,6 +125,56 @@ pub struct Endpoint {
     /// The peer sidecar's inbound (QUIC) address.
     pub addr: SocketAddr,
     /// Labels used to pick subsets (e.g. `version = "v2"` for a canary).
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A DNS name and a port.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct HostPort {
+    pub host: String,
+    pub port: u16,
+}
+
+impl fmt::Display for HostPort {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.host, self.port)
+    }
+}
+
+impl HostPort {
+    /// `name:port` where name is a DNS name (not an IP address).
+    pub fn parse(text: &str) -> Result<HostPort, String> {
+        let (host, port) = text
+            .rsplit_once(':')
+            .ok_or_else(|| format!("{text:?} has no port; write name:port"))?;
+        let port: u16 = port
+            .parse()
+            .map_err(|_| format!("{text:?}: port {port:?} is not a number from 1 to 65535"))?;
+        if port == 0 {
+            return Err(format!("{text:?} has port 0"));
+        }
+        let host = host.trim_end_matches('.').to_ascii_lowercase();
+        let label_ok = |l: &str| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        };
+        if host.is_empty() || host.len() > 253 || !host.split('.').all(label_ok) {
+            return Err(format!(
+                "{text:?} is neither ip:port nor a DNS name:port \
+                 (e.g. \"10.96.0.20:80\" or \"payment.default.svc.cluster.local:80\")"
+            ));
+        }
+        Ok(HostPort { host, port })
+    }
+}
+
+/// An endpoint given by DNS name, with the labels of every address it resolves to.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct NamedEndpoint {
+    pub name: HostPort,
     pub labels: BTreeMap<String, String>,
 }
 
@@ -205,6 +274,51 @@ impl Mesh {
     pub fn service(&self, name: &str) -> Option<&Service> {
         self.services.get(name)
     }
+
+    /// Every DNS name the mesh file uses (endpoints and addresses).
+    pub fn dns_names(&self) -> std::collections::BTreeSet<String> {
+        self.services
+            .values()
+            .flat_map(|s| {
+                s.endpoint_names
+                    .iter()
+                    .map(|n| n.name.host.clone())
+                    .chain(s.address_names.iter().map(|n| n.host.clone()))
+            })
+            .collect()
+    }
+
+    /// This mesh with every DNS name replaced by the addresses `dns` knows
+    /// for it (a name it does not know contributes nothing yet). Endpoints
+    /// listed by address come first; duplicates are dropped.
+    pub fn resolved(
+        &self,
+        dns: &std::collections::HashMap<String, Vec<std::net::IpAddr>>,
+    ) -> Mesh {
+        let mut mesh = self.clone();
+        for svc in mesh.services.values_mut() {
+            for named in &svc.endpoint_names {
+                for ip in dns.get(&named.name.host).into_iter().flatten() {
+                    let addr = SocketAddr::new(*ip, named.name.port);
+                    if !svc.endpoints.iter().any(|e| e.addr == addr) {
+                        svc.endpoints.push(Endpoint {
+                            addr,
+                            labels: named.labels.clone(),
+                        });
+                    }
+                }
+            }
+            for name in &svc.address_names {
+                for ip in dns.get(&name.host).into_iter().flatten() {
+                    let addr = SocketAddr::new(*ip, name.port);
+                    if !svc.addresses.contains(&addr) {
+                        svc.addresses.push(addr);
+                    }
+                }
+            }
+        }
+        mesh
+    }
 }
 
 // ---- raw, span-keeping shapes ------------------------------------------------
@@ -258,6 +372,9 @@ struct RawService {
     // Default: the mesh's default_authorization.
     #[serde(default)]
     authorization: Option<Spanned<authz::RawAuthorization>>,
+    // Default: none; the service is reached through `--upstream` listeners only.
+    #[serde(default)]
+    addresses: Vec<Spanned<String>>,
 }
 
 /// An endpoint entry: `"ip:port"` or `{ addr = "ip:port", labels = { … } }`.
@@ -373,6 +490,7 @@ impl Checker<'_> {
             services.insert(name.into_inner(), service);
         }
         self.references(&services, refs);
+        self.unique_addresses(&services);
         let default_authorization = self.default_authorization(raw.default_authorization);
         Mesh {
             trust_domain,
@@ -429,7 +547,8 @@ impl Checker<'_> {
             );
         }
         let mut endpoints: Vec<Endpoint> = Vec::new();
-        let mut first_seen: BTreeMap<SocketAddr, usize> = BTreeMap::new();
+        let mut endpoint_names: Vec<NamedEndpoint> = Vec::new();
+        let mut first_seen: BTreeMap<String, usize> = BTreeMap::new();
         for entry in entries {
             let entry_span = entry.span();
             let raw = entry.into_inner();
@@ -441,18 +560,49 @@ impl Checker<'_> {
             let Some(addr) = self.endpoint_addr(name, &addr_text, addr_span.clone()) else {
                 continue;
             };
-            if let Some(first_line) = first_seen.get(&addr) {
+            let key = match &addr {
+                Ok(a) => a.to_string(),
+                Err(n) => n.to_string(),
+            };
+            if let Some(first_line) = first_seen.get(&key) {
                 self.error(
                     Some(addr_span),
                     format!(
-                        "service {name:?}: endpoint {addr} is listed twice (first on line \
+                        "service {name:?}: endpoint {key} is listed twice (first on line \
                          {first_line}); remove one of them"
                     ),
                 );
                 continue;
             }
-            first_seen.insert(addr, line_col(self.text, addr_span.start).0);
-            endpoints.push(Endpoint { addr, labels });
+            first_seen.insert(key, line_col(self.text, addr_span.start).0);
+            match addr {
+                Ok(addr) => endpoints.push(Endpoint { addr, labels }),
+                Err(name) => endpoint_names.push(NamedEndpoint { name, labels }),
+            }
+        }
+        let mut addresses = Vec::new();
+        let mut address_names = Vec::new();
+        for a in raw.addresses {
+            let text = a.get_ref();
+            if let Ok(addr) = text.parse::<SocketAddr>() {
+                if addr.port() == 0 {
+                    self.error(
+                        Some(a.span()),
+                        format!("service {name:?}: address {text:?} has port 0; give the port apps dial"),
+                    );
+                } else if !addresses.contains(&addr) {
+                    addresses.push(addr);
+                }
+                continue;
+            }
+            match HostPort::parse(text) {
+                Ok(hp) => {
+                    if !address_names.contains(&hp) {
+                        address_names.push(hp)
+                    }
+                }
+                Err(why) => self.error(Some(a.span()), format!("service {name:?}: address {why}")),
+            }
         }
         let raw_policy = policy::RawServicePolicy {
             routes: raw.routes,
@@ -473,8 +623,35 @@ impl Checker<'_> {
             protocol,
             port: raw.port,
             endpoints,
+            endpoint_names,
+            addresses,
+            address_names,
             routes,
             policy,
+        }
+    }
+
+    /// An intercepted connection must map to exactly one service.
+    fn unique_addresses(&mut self, services: &BTreeMap<String, Service>) {
+        let mut claimed: BTreeMap<String, &str> = BTreeMap::new();
+        for svc in services.values() {
+            let texts = svc
+                .addresses
+                .iter()
+                .map(|a| a.to_string())
+                .chain(svc.address_names.iter().map(|n| n.to_string()));
+            for text in texts {
+                if let Some(first) = claimed.insert(text.clone(), &svc.name) {
+                    self.error(
+                        None,
+                        format!(
+                            "address {text} is listed by services {first:?} and {:?}; an \
+                             intercepted connection must map to one service, remove one",
+                            svc.name
+                        ),
+                    );
+                }
+            }
         }
     }
 
@@ -483,7 +660,7 @@ impl Checker<'_> {
         service: &str,
         text: &str,
         span: Range<usize>,
-    ) -> Option<SocketAddr> {
+    ) -> Option<Result<SocketAddr, HostPort>> {
         match text.parse::<SocketAddr>() {
             Ok(addr) if addr.port() == 0 => {
                 self.error(
@@ -495,17 +672,21 @@ impl Checker<'_> {
                 );
                 None
             }
-            Ok(addr) => Some(addr),
-            Err(_) => {
-                self.error(
-                    Some(span),
-                    format!(
-                        "service {service:?}: endpoint {text:?} is not an ip:port address \
-                         (e.g. \"127.0.0.1:15008\" or \"[::1]:15008\")"
-                    ),
-                );
-                None
-            }
+            Ok(addr) => Some(Ok(addr)),
+            Err(_) => match HostPort::parse(text) {
+                Ok(name) => Some(Err(name)),
+                Err(_) => {
+                    self.error(
+                        Some(span),
+                        format!(
+                            "service {service:?}: endpoint {text:?} is not an ip:port address \
+                             (e.g. \"127.0.0.1:15008\" or \"[::1]:15008\") nor a DNS name:port \
+                             (e.g. \"payment.default.svc.cluster.local:15008\")"
+                        ),
+                    );
+                    None
+                }
+            },
         }
     }
 
@@ -685,7 +866,7 @@ endpoints = ["[::1]:15308"]
         let text = r#"trust_domain = "Example.org"
 [services.payment]
 protocol = "udp"
-endpoints = ["127.0.0.1:15108", "localhost:80"]
+endpoints = ["127.0.0.1:15108", "local host:80"]
 "#;
         let errors = errors(text);
         let lines: Vec<_> = errors.iter().map(|e| (e.line, e.col)).collect();
@@ -702,8 +883,9 @@ endpoints = ["127.0.0.1:15108", "localhost:80"]
         assert!(errors[1].message.contains("\"http\" or \"tcp\""));
         assert_eq!(
             errors[2].message,
-            "service \"payment\": endpoint \"localhost:80\" is not an ip:port address \
-             (e.g. \"127.0.0.1:15008\" or \"[::1]:15008\")"
+            "service \"payment\": endpoint \"local host:80\" is not an ip:port address \
+             (e.g. \"127.0.0.1:15008\" or \"[::1]:15008\") nor a DNS name:port \
+             (e.g. \"payment.default.svc.cluster.local:15008\")"
         );
         let shown = MeshErrors(errors).to_string();
         assert_eq!(shown.lines().count(), 3);
@@ -753,6 +935,79 @@ endpoints = ["127.0.0.1:15108", "localhost:80"]
         let e = one_error("trust_domain = \"td\"\n[services.a]\nprotocol = \"tcp\"\n");
         assert_eq!(e.line, Some(2), "{e}");
         assert!(e.message.contains("has no endpoints"), "{e}");
+    }
+
+    #[test]
+    fn addresses_and_dns_names() {
+        let text = "trust_domain = \"td\"\n[services.a]\n\
+            endpoints = [\"10.0.0.1:15008\", { addr = \"A-v2.NS.svc.cluster.local.:15008\", labels = { version = \"v2\" } }]\n\
+            addresses = [\"10.96.0.20:80\", \"a.ns.svc.cluster.local:80\", \"[fd00::20]:80\"]\n";
+        let mesh = Mesh::parse(text, "m").unwrap();
+        let a = mesh.service("a").unwrap();
+        assert_eq!(a.endpoints.len(), 1);
+        assert_eq!(a.endpoint_names.len(), 1);
+        assert_eq!(
+            a.endpoint_names[0].name.to_string(),
+            "a-v2.ns.svc.cluster.local:15008"
+        );
+        assert_eq!(
+            a.addresses,
+            vec![
+                "10.96.0.20:80".parse::<SocketAddr>().unwrap(),
+                "[fd00::20]:80".parse().unwrap()
+            ]
+        );
+        assert_eq!(a.address_names[0].to_string(), "a.ns.svc.cluster.local:80");
+        let names: Vec<String> = mesh.dns_names().into_iter().collect();
+        assert_eq!(
+            names,
+            vec!["a-v2.ns.svc.cluster.local", "a.ns.svc.cluster.local"]
+        );
+        // Resolved: the name's addresses join, with its labels; unknown names add nothing.
+        let dns = std::collections::HashMap::from([(
+            "a-v2.ns.svc.cluster.local".to_string(),
+            vec![
+                "10.0.0.7".parse().unwrap(),
+                "10.0.0.1".parse().unwrap(),
+            ],
+        )]);
+        let r = mesh.resolved(&dns);
+        let a = r.service("a").unwrap();
+        let eps: Vec<String> = a.endpoints.iter().map(|e| e.addr.to_string()).collect();
+        assert_eq!(eps, vec!["10.0.0.1:15008", "10.0.0.7:15008"]);
+        assert!(a.endpoints[0].labels.is_empty(), "listed by address first");
+        assert_eq!(a.endpoints[1].labels["version"], "v2");
+        assert_eq!(a.addresses.len(), 2);
+        // Only names count as endpoints: a service of DNS names alone is valid.
+        assert!(Mesh::parse(
+            "trust_domain = \"td\"\n[services.b]\nendpoints = [\"b.ns:15008\"]\n",
+            "m"
+        )
+        .is_ok());
+    }
+
+    #[test]
+    fn bad_and_duplicate_addresses() {
+        let e = one_error(
+            "trust_domain = \"td\"\n[services.a]\nendpoints = [\"10.0.0.1:15008\"]\naddresses = [\"not a name:80\"]\n",
+        );
+        assert_eq!(e.line, Some(4), "{e}");
+        assert!(e.message.contains("neither ip:port nor a DNS name"), "{e}");
+        let e = one_error(
+            "trust_domain = \"td\"\n[services.a]\nendpoints = [\"10.0.0.1:15008\"]\naddresses = [\"a.ns:0\"]\n",
+        );
+        assert!(e.message.contains("port 0"), "{e}");
+        let e = one_error(
+            "trust_domain = \"td\"\n[services.a]\nendpoints = [\"10.0.0.1:15008\"]\naddresses = [\"10.96.0.1:80\"]\n\
+             [services.b]\nendpoints = [\"10.0.0.2:15008\"]\naddresses = [\"10.96.0.1:80\"]\n",
+        );
+        assert!(e.message.contains("listed by services \"a\" and \"b\""), "{e}");
+        let e = one_error(
+            "trust_domain = \"td\"\n[services.a]\nendpoints = [\"a.ns:15008\", \"A.ns:15008\"]\n",
+        );
+        assert!(e.message.contains("listed twice"), "{e}");
+        let e = one_error("trust_domain = \"td\"\n[services.a]\nendpoints = [\"bad_name!:15008\"]\n");
+        assert!(e.message.contains("nor a DNS name:port"), "{e}");
     }
 
     #[test]

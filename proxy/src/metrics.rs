@@ -65,6 +65,19 @@ pub struct ReasonLabels {
     pub reason: &'static str,
 }
 
+/// Intercepted connections: where they went and the protocol seen.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct InterceptLabels {
+    pub result: &'static str,
+    pub protocol: &'static str,
+}
+
+/// What a drain cut at its deadline.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
     pub result: &'static str,
@@ -147,7 +160,10 @@ pub struct Metrics {
     pub trace_export_batches: Family<TraceExportLabels, Counter>,
     pub access_log_dropped: Counter,
     pub config_reloads: Family<ResultLabels, Counter>,
+    pub intercepted: Family<InterceptLabels, Counter>,
+    pub dns_resolutions: Family<ResultLabels, Counter>,
     pub retries: Family<RouteReasonLabels, Counter>,
+    pub drain_cut: Family<KindLabels, Counter>,
     pub retry_budget_exhausted: Family<RouteLabels, Counter>,
     pub timeouts: Family<RouteReasonLabels, Counter>,
     pub faults: Family<RouteReasonLabels, Counter>,
@@ -184,7 +200,10 @@ impl Metrics {
             trace_export_batches: Family::default(),
             access_log_dropped: Counter::default(),
             config_reloads: Family::default(),
+            intercepted: Family::default(),
+            dns_resolutions: Family::default(),
             retries: Family::default(),
+            drain_cut: Family::default(),
             retry_budget_exhausted: Family::default(),
             timeouts: Family::default(),
             faults: Family::default(),
@@ -275,6 +294,17 @@ impl Metrics {
             "weft_config_reloads",
             "Mesh file reloads by result (success, failure: rejected, last good config kept)",
             m.config_reloads.clone(),
+        );
+        r.register(
+            "weft_intercepted_connections",
+            "Connections captured by iptables, by result (mesh, passthrough, blocked, \
+             no_original_dst) and protocol (http1, h2, opaque, tcp)",
+            m.intercepted.clone(),
+        );
+        r.register(
+            "weft_dns_resolutions",
+            "DNS lookups of mesh-file names by result (success, failure: last answer kept)",
+            m.dns_resolutions.clone(),
         );
         r.register(
             "weft_retries",

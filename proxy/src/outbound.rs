@@ -12,6 +12,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::net::SocketAddr;
 use http::{Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::{TcpListener, TcpStream};
@@ -49,7 +50,13 @@ pub(crate) async fn listen(ctx: Arc<Ctx>, service: String, listener: TcpListener
     }
 }
 
-async fn http(ctx: Arc<Ctx>, service: String, stream: TcpStream) {
+/// Carry one app TCP connection to `service` on a `weft-l4` stream.
+pub(crate) async fn tcp(ctx: Arc<Ctx>, service: String, stream: TcpStream, from: SocketAddr) {
+    stream::proxy(ctx, service, stream, from).await
+}
+
+/// Serve one app connection's HTTP/1.1 or HTTP/2 requests for `service`.
+pub(crate) async fn http(ctx: Arc<Ctx>, service: String, stream: TcpStream) {
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     // hyper's h1 limit is a buffer size (minimum 8 KiB), h2's a header list size.
     builder

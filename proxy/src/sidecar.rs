@@ -96,6 +96,10 @@ pub struct SidecarConfig {
     /// Spans and trace headers (off unless an export endpoint is set).
     pub tracing: crate::trace::TraceConfig,
 }
+    /// Transparent interception (off unless `capture.listen` has addresses).
+    pub capture: crate::intercept::CaptureConfig,
+    /// How often DNS names in the mesh file are looked up again.
+    pub dns_refresh: std::time::Duration,
 
 /// Start-up failures. Each says what to fix.
 #[derive(Debug, thiserror::Error)]
@@ -153,6 +157,8 @@ impl Ctx {
     pub fn apply_mesh(&self, mesh: Mesh) {
         let next = State::new(mesh, Some(&self.state.load()));
         self.state.store(Arc::new(next));
+    /// Wakes the DNS resolver (a new mesh names something it has not looked up).
+    pub resolve_now: tokio::sync::Notify,
     }
 
     /// Spawn a task that ends when the sidecar drains.
@@ -160,7 +166,36 @@ impl Ctx {
     where
         F: Future<Output = ()> + Send + 'static,
     {
+        let unresolved = next
+            .source()
+            .dns_names()
+            .iter()
+            .any(|n| !next.dns().contains_key(n));
         let mut drain = self.drain.clone();
+        if unresolved {
+            self.resolve_now.notify_one();
+        }
+    }
+
+    /// Spawn an accept loop (listener): it ends when the sidecar starts
+    /// draining, so no new connection is taken, while the connections it
+    /// accepted (spawned with [`Ctx::spawn`]) go on until drained.
+    pub fn spawn_listener<F>(&self, fut: F) -> JoinHandle<()>
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let mut phase = self.phase.clone();
+        self.spawn(async move {
+            tokio::select! {
+                _ = fut => {}
+                _ = crate::lifecycle::reached(&mut phase, Phase::Draining) => {}
+            }
+        })
+    }
+
+    /// Whether the sidecar has started draining.
+    pub fn draining(&self) -> bool {
+        *self.phase.borrow() >= Phase::Draining
         tokio::spawn(async move {
             tokio::select! {
                 _ = fut => {}
@@ -183,6 +218,8 @@ pub struct Sidecar {
 
 impl Sidecar {
     pub async fn start(cfg: SidecarConfig) -> Result<Sidecar, SidecarError> {
+    /// Where the outbound capture listeners are bound.
+    pub capture_addrs: Vec<SocketAddr>,
         let obtained = crate::identity::obtain(&cfg.identity).await?;
         let tls = MeshTls::new(&cfg.mesh.trust_domain, &obtained.creds)?;
         tracing::info!(identity = %tls.identity(), "certificate loaded");
@@ -270,6 +307,7 @@ impl Sidecar {
             h3_pool,
             l4_pool,
             app: cfg.app,
+            "capture": cfg.capture,
             app_client,
             limits: cfg.limits.clone(),
             inbound_connections: AtomicUsize::new(0),
@@ -293,6 +331,7 @@ impl Sidecar {
         ];
         let mut upstream_addrs = BTreeMap::new();
         for (svc, addr) in &cfg.upstreams {
+            resolve_now: tokio::sync::Notify::new(),
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
                 .map_err(|source| SidecarError::Listen {
@@ -331,6 +370,27 @@ impl Sidecar {
             upstream_addrs,
             ctx,
             endpoint,
+        let capture = Arc::new(cfg.capture.clone());
+        let mut capture_addrs = Vec::new();
+        for addr in &capture.listen {
+            let listen_err = |source| SidecarError::Listen {
+                what: "outbound capture".into(),
+                addr: *addr,
+                source,
+            };
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(listen_err)?;
+            capture_addrs.push(listener.local_addr().map_err(listen_err)?);
+            tasks.push(ctx.spawn(crate::intercept::listen(
+                ctx.clone(),
+                capture.clone(),
+                listener,
+            )));
+        }
+        // The first DNS answers come in before the sidecar says it is ready.
+        crate::resolve::refresh(&ctx).await;
+        tasks.push(ctx.spawn(crate::resolve::maintain(ctx.clone(), cfg.dns_refresh)));
             drain: drain_tx,
             tasks,
         })
@@ -350,6 +410,7 @@ impl Sidecar {
     }
 
     pub fn mesh(&self) -> Arc<Mesh> {
+            capture_addrs,
         Arc::new(self.ctx.state.load().mesh().clone())
     }
 

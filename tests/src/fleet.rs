@@ -630,6 +630,8 @@ pub async fn ca_pair(
             upstreams,
             limits: Limits::default(),
             tracing: Default::default(),
+            capture: Default::default(),
+            dns_refresh: weft_proxy::resolve::DEFAULT_INTERVAL,
         };
         async move { Sidecar::start(cfg).await.expect("sidecar starts") }
     };

@@ -101,6 +101,8 @@ pub async fn sidecar(
             .collect(),
         limits,
         tracing: Default::default(),
+        capture: Default::default(),
+        dns_refresh: weft_proxy::resolve::DEFAULT_INTERVAL,
     })
     .await
     .expect("sidecar starts")

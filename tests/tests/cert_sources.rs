@@ -164,6 +164,8 @@ async fn pair_with(
         upstreams: vec![],
         limits: Limits::default(),
         tracing: Default::default(),
+        capture: Default::default(),
+        dns_refresh: weft_proxy::resolve::DEFAULT_INTERVAL,
     })
     .await
     .expect("server sidecar starts");
@@ -375,6 +377,8 @@ async fn cert_dir_files_replaced_right_after_start_are_applied() {
             upstreams: vec![],
             limits: Limits::default(),
             tracing: Default::default(),
+            capture: Default::default(),
+            dns_refresh: weft_proxy::resolve::DEFAULT_INTERVAL,
         })
         .await
         .expect("sidecar starts");
@@ -470,6 +474,8 @@ async fn not_yet_valid_certificates_are_refused() {
             upstreams: vec![],
             limits: Limits::default(),
             tracing: Default::default(),
+            capture: Default::default(),
+            dns_refresh: weft_proxy::resolve::DEFAULT_INTERVAL,
         })
         .await;
         let err = started
@@ -492,6 +498,8 @@ async fn not_yet_valid_certificates_are_refused() {
             upstreams: vec![],
             limits: Limits::default(),
             tracing: Default::default(),
+            capture: Default::default(),
+            dns_refresh: weft_proxy::resolve::DEFAULT_INTERVAL,
         })
         .await
         .expect("a sidecar starts on a valid certificate");
@@ -863,6 +871,8 @@ async fn a_sidecar_with_a_kubernetes_token_gets_its_service_accounts_identity() 
             upstreams: vec![],
             limits: Limits::default(),
             tracing: Default::default(),
+            capture: Default::default(),
+            dns_refresh: weft_proxy::resolve::DEFAULT_INTERVAL,
         })
         .await
         .err()

@@ -656,6 +656,8 @@ async fn every_metric_the_dashboard_and_alerts_use_is_exported_and_promtool_pass
             upstreams: Vec::new(),
             limits: Limits::default(),
             tracing: Default::default(),
+            capture: Default::default(),
+            dns_refresh: weft_proxy::resolve::DEFAULT_INTERVAL,
         })
         .await
         .expect("sidecar with a CA certificate");
