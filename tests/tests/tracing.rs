@@ -261,6 +261,8 @@ async fn start_with(app: SocketAddr, client_cfg: TraceConfig, server_cfg: TraceC
         upstreams,
         limits: Limits::default(),
         tracing: tracing.clone(),
+        capture: Default::default(),
+        dns_refresh: weft_proxy::resolve::DEFAULT_INTERVAL,
     };
     let server = Sidecar::start(config("server", Some(app), vec![], &server_cfg))
         .await
@@ -761,6 +763,8 @@ async fn an_app_that_forwards_headers_continues_the_trace() {
                 .collect(),
             limits: Limits::default(),
             tracing: cfg.clone(),
+            capture: Default::default(),
+            dns_refresh: weft_proxy::resolve::DEFAULT_INTERVAL,
         })
     };
     let ledger_app = trace_app().await;
