@@ -36,6 +36,8 @@ pub(super) struct Container {
     resources: Resources,
     security_context: SecurityContext,
     volume_mounts: Vec<Mount>,
+    /// Why it stopped, in `kubectl describe`, even when it died before writing one.
+    termination_message_policy: &'static str,
 }
 
 #[derive(Serialize)]
@@ -245,6 +247,7 @@ pub(super) fn iptables_container(opts: &InjectOptions, probe_ports: &BTreeSet<u1
         },
         security_context: security_context(0, vec!["NET_ADMIN", "NET_RAW"]),
         // iptables takes its lock in /run/xtables.lock; the root is read-only.
+        termination_message_policy: "FallbackToLogsOnError",
         volume_mounts: vec![Mount {
             name: XTABLES_VOLUME,
             mount_path: "/run",
@@ -339,6 +342,7 @@ pub(super) fn sidecar_container(opts: &InjectOptions, app_port: Option<u16>) -> 
             },
         },
         security_context: security_context(PROXY_UID, Vec::new()),
+        termination_message_policy: "FallbackToLogsOnError",
         volume_mounts: vec![
             Mount {
                 name: MESH_VOLUME,
