@@ -182,7 +182,7 @@ impl InjectOptions {
 
     /// The pod's `terminationGracePeriodSeconds`: the drain plus 10 s for the app.
     fn grace_seconds(&self) -> u64 {
-        self.drain_timeout.as_secs_f64().ceil() as u64 + 10
+        (self.drain_timeout.as_secs_f64().ceil() as u64).saturating_add(10)
     }
 }
 
