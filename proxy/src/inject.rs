@@ -612,21 +612,9 @@ fn inject_pod(pod: &mut Mapping, opts: &InjectOptions) -> Result<Option<String>,
         );
     }
 
-    let metadata = match pod
-        .entry("metadata".into())
-        .or_insert_with(|| Value::Mapping(Mapping::new()))
-    {
-        Value::Mapping(m) => m,
-        _ => return Err("metadata is not a mapping".into()),
-    };
-    let annotations = match metadata
-        .entry("annotations".into())
-        .or_insert_with(|| Value::Mapping(Mapping::new()))
-    {
-        Value::Mapping(m) => m,
-        Value::Null => return Err("metadata.annotations is null".into()),
-        _ => return Err("metadata.annotations is not a mapping".into()),
-    };
+    let metadata = child_mapping(pod, "metadata")?;
+    let annotations =
+        child_mapping(metadata, "annotations").map_err(|e| format!("metadata.{e}"))?;
     // A pod that already tells Prometheus where its metrics are keeps that.
     if !annotations.contains_key("prometheus.io/scrape") {
         for (k, v) in [
@@ -673,6 +661,20 @@ fn probe_ports_of(c: &Value) -> Vec<u16> {
         }
     }
     ports
+}
+
+/// The mapping under `key`, created when absent or null (`annotations:`).
+fn child_mapping<'a>(map: &'a mut Mapping, key: &str) -> Result<&'a mut Mapping, String> {
+    let slot = map
+        .entry(key.into())
+        .or_insert_with(|| Value::Mapping(Mapping::new()));
+    if slot.is_null() {
+        *slot = Value::Mapping(Mapping::new());
+    }
+    match slot {
+        Value::Mapping(m) => Ok(m),
+        _ => Err(format!("{key} is not a mapping")),
+    }
 }
 
 fn to_value<T: Serialize>(v: &T) -> Result<Value, String> {

@@ -283,6 +283,29 @@ fn every_workload_kind_is_injected_at_its_pod_template() {
 }
 
 #[test]
+fn null_metadata_and_annotations_are_filled_in() {
+    let text = DEPLOYMENT.replace(
+        "    metadata:\n      labels:\n        app: payment\n",
+        "    metadata:\n      labels:\n        app: payment\n      annotations:\n",
+    );
+    let out = parse(&inject(&text).output);
+    assert_eq!(
+        out["spec"]["template"]["metadata"]["annotations"]["weft.dev/injected"],
+        "true"
+    );
+    let pod = "apiVersion: v1\nkind: Pod\nmetadata:\nspec:\n  containers: [{name: a, image: b}]\n";
+    let out = parse(&inject(pod).output);
+    assert_eq!(out["metadata"]["annotations"]["weft.dev/injected"], "true");
+    let bad = "apiVersion: v1\nkind: Pod\nmetadata: {annotations: [x]}\nspec:\n  containers: [{name: a, image: b}]\n";
+    let err = inject_stream(bad, &InjectOptions::default()).expect_err("list annotations");
+    assert!(
+        err.to_string()
+            .contains("metadata.annotations is not a mapping"),
+        "{err}"
+    );
+}
+
+#[test]
 fn list_items_are_injected() {
     let text = format!(
         "apiVersion: v1\nkind: List\nitems:\n{}",
