@@ -18,7 +18,7 @@
 set -euo pipefail
 
 td=cluster.local
-dir="${XDG_DATA_HOME:-$HOME/.local/share}/weft/ca"
+dir=
 print=false
 namespaces=()
 while [ $# -gt 0 ]; do
@@ -31,6 +31,9 @@ while [ $# -gt 0 ]; do
     *) namespaces+=("$1"); shift ;;
   esac
 done
+if [ -z "$dir" ]; then
+  dir="${XDG_DATA_HOME:-${HOME:?HOME is not set: pass --dir DIR}/.local/share}/weft/ca"
+fi
 weft_ca="${WEFT_CA:-weft-ca}"
 
 umask 077
