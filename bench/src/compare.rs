@@ -71,6 +71,9 @@ pub struct Proxy {
     pub pid: u32,
     /// Resident memory after start-up and one warm-up exchange, MiB.
     pub idle_rss_mib: f64,
+    /// The anonymous part of it (heap, stacks), MiB; the rest is file-backed
+    /// (the binary's and libraries' pages, shared by every process that maps them).
+    pub idle_rss_anon_mib: f64,
     /// Peak resident memory over the whole comparison (VmHWM), MiB.
     pub peak_rss_mib: f64,
 }
@@ -187,9 +190,14 @@ pub fn run(settings: Settings, quiet: bool) -> anyhow::Result<Report> {
             anyhow::bail!("{} does not work: {e:#}\n{}", sc.name, logs.join("\n"));
         }
     }
-    let idle: Vec<Vec<f64>> = scenarios
+    let idle: Vec<Vec<(f64, f64)>> = scenarios
         .iter()
-        .map(|s| s.procs.iter().map(|(_, p)| mib(p.rss_kib())).collect())
+        .map(|s| {
+            s.procs
+                .iter()
+                .map(|(_, p)| (mib(p.rss_kib()), mib(p.rss_anon_kib())))
+                .collect()
+        })
         .collect();
 
     let mut tests = vec![Test::Closed];
@@ -425,7 +433,7 @@ fn cpu_per_1k(runs: &[&Run], proxies: usize) -> Vec<f64> {
         .collect()
 }
 
-fn summarize(sc: &Scenario, idle: Vec<f64>, runs: &[Run], settings: &Settings) -> Summary {
+fn summarize(sc: &Scenario, idle: Vec<(f64, f64)>, runs: &[Run], settings: &Settings) -> Summary {
     let closed = runs_of(runs, sc.name, &Test::Closed);
     let all: Vec<&Run> = runs.iter().filter(|r| r.scenario == sc.name).collect();
     let errors = all
@@ -480,10 +488,11 @@ fn summarize(sc: &Scenario, idle: Vec<f64>, runs: &[Run], settings: &Settings) -
             .procs
             .iter()
             .zip(idle)
-            .map(|((role, p), idle)| Proxy {
+            .map(|((role, p), (idle, anon))| Proxy {
                 role,
                 pid: p.pid(),
                 idle_rss_mib: idle,
+                idle_rss_anon_mib: anon,
                 peak_rss_mib: mib(p.peak_rss_kib()),
             })
             .collect(),
@@ -604,7 +613,12 @@ fn targets(summaries: &[Summary], runs: &[Run], settings: &Settings) -> Vec<Targ
             measured: Some(
                 s.proxies
                     .iter()
-                    .map(|p| format!("{:.1} MiB", p.idle_rss_mib))
+                    .map(|p| {
+                        format!(
+                            "{:.1} MiB ({:.1} anonymous)",
+                            p.idle_rss_mib, p.idle_rss_anon_mib
+                        )
+                    })
                     .collect::<Vec<_>>()
                     .join(", "),
             ),

@@ -107,6 +107,10 @@ impl Proc {
         status_kib(self.pid(), "VmRSS").unwrap_or(0)
     }
 
+    pub fn rss_anon_kib(&self) -> u64 {
+        status_kib(self.pid(), "RssAnon").unwrap_or(0)
+    }
+
     pub fn peak_rss_kib(&self) -> u64 {
         status_kib(self.pid(), "VmHWM").unwrap_or(0)
     }

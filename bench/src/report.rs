@@ -58,7 +58,7 @@ pub fn compare_markdown(r: &Report) -> String {
         rule.push_str("---:|");
     }
     header.push_str(
-        " CPU s per 1k req closed loop | idle RSS MiB | peak RSS MiB | bulk Gbit/s | vs direct |",
+        " CPU s per 1k req closed loop | idle RSS MiB (anonymous) | peak RSS MiB | bulk Gbit/s | vs direct |",
     );
     rule.push_str("---:|---:|---:|---:|---:|");
     let _ = writeln!(m, "{header}\n{rule}");
@@ -96,13 +96,21 @@ pub fn compare_markdown(r: &Report) -> String {
                 .map_or(Vec::new(), |x| x.cpu_s_per_1k.clone());
             let _ = write!(row, " {} |", list(&cpu, 3));
         }
-        let idle: Vec<f64> = sc.proxies.iter().map(|p| p.idle_rss_mib).collect();
+        let idle = if sc.proxies.is_empty() {
+            "–".to_string()
+        } else {
+            sc.proxies
+                .iter()
+                .map(|p| format!("{:.1} ({:.1})", p.idle_rss_mib, p.idle_rss_anon_mib))
+                .collect::<Vec<_>>()
+                .join(" / ")
+        };
         let peak: Vec<f64> = sc.proxies.iter().map(|p| p.peak_rss_mib).collect();
         let _ = writeln!(
             row,
             " {} | {} | {} | {} | {} |",
             list(&sc.closed_cpu_s_per_1k, 3),
-            list(&idle, 1),
+            idle,
             list(&peak, 1),
             opt(sc.bulk_gbit_per_s, |x| format!("{x:.2}")),
             opt(sc.bulk_vs_direct, |x| format!("{x:.2}×")),
