@@ -36,18 +36,9 @@ pub(crate) async fn serve(ctx: Arc<Ctx>, listener: TcpListener) {
 
 fn handle(ctx: &Ctx, req: Request<Incoming>) -> Response<ProxyBody> {
     match req.uri().path() {
+        // Alive while draining too: a restart now would only cut the drain short.
         "/live" => text(StatusCode::OK, "live\n".into()),
-        "/ready" => {
-            let expired = ctx
-                .tls
-                .not_after()
-                .is_some_and(|na| na <= std::time::SystemTime::now());
-            if ctx.ready.load(Ordering::Acquire) && !expired {
-                text(StatusCode::OK, "ready\n".into())
-            } else {
-                text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n".into())
-            }
-        }
+        "/ready" => ready(ctx),
         "/metrics" => {
             // OpenMetrics for scrapers that ask for it (Prometheus does);
             // the classic text format for everyone else (curl, promtool).
@@ -103,6 +94,29 @@ fn handle(ctx: &Ctx, req: Request<Incoming>) -> Response<ProxyBody> {
             "not found; try /ready /live /metrics /config /certs /clusters /logging\n".into(),
         ),
     }
+}
+
+/// `/ready`: 200 once every listener is up (start-up sets `ctx.ready`
+/// after binding them all) while the certificate is valid; 503 before,
+/// after expiry, and from the start of a drain on, so Kubernetes takes the
+/// pod out of its Services' endpoints.
+fn ready(ctx: &Ctx) -> Response<ProxyBody> {
+    let now = std::time::SystemTime::now();
+    let valid = ctx.tls.not_after().is_none_or(|na| now < na)
+        && ctx.tls.not_before().is_none_or(|nb| nb <= now);
+    let (status, why) = if ctx.draining() {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining")
+    } else if !ctx.ready.load(Ordering::Acquire) {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready: starting")
+    } else if !valid {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: certificate not valid now",
+        )
+    } else {
+        (StatusCode::OK, "ready")
+    };
+    text(status, format!("{why}\n"))
 }
 
 /// `GET /logging`: the log filter in force; `POST /logging?level=FILTER`:

@@ -10,7 +10,10 @@
 //!
 //! [`choose`] skips ejected endpoints unless every endpoint is ejected
 //! (Envoy's *panic mode*: sending somewhere beats failing every request), and
-//! prefers endpoints a retry has not tried yet. Among what is left:
+//! prefers endpoints a retry has not tried yet. Endpoints whose sidecar is
+//! draining ([`EndpointState::set_draining`]) are skipped like ejected
+//! ones, and last of all in panic mode: they are going away, not failing,
+//! so outlier detection never counts it against them. Among what is left:
 //! - `p2c-ewma` (default): power of two choices on a peak-EWMA latency
 //!   estimate times outstanding requests, as Finagle, Linkerd and tower do;
 //! - `least-request`: power of two choices on outstanding requests;
@@ -48,7 +51,7 @@
 use std::fmt;
 use std::net::SocketAddr;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -168,6 +171,8 @@ impl AttemptResult {
 pub struct EndpointState {
     addr: SocketAddr,
     in_flight: AtomicUsize,
+    /// Its sidecar is draining: avoid it until a new handshake succeeds.
+    draining: AtomicBool,
     inner: Mutex<Inner>,
 }
 
@@ -297,6 +302,7 @@ impl EndpointState {
         Arc::new(EndpointState {
             addr,
             in_flight: AtomicUsize::new(0),
+            draining: AtomicBool::new(false),
             inner: Mutex::new(Inner {
                 rtt_ns: DEFAULT_RTT.as_nanos() as f64,
                 rtt_at: now,
@@ -330,6 +336,16 @@ impl EndpointState {
 
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Mark (or clear) the endpoint's sidecar as draining; says whether
+    /// that changed anything.
+    pub fn set_draining(&self, draining: bool) -> bool {
+        self.draining.swap(draining, Ordering::AcqRel) != draining
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
     }
 
     /// Feeds one latency sample to the peak-EWMA estimate: a sample above the
@@ -372,6 +388,7 @@ impl EndpointState {
         EndpointSnapshot {
             addr: self.addr.to_string(),
             in_flight: self.in_flight(),
+            draining: self.is_draining(),
             ewma_ms: inner.rtt_ns / 1e6,
             ejected: ejected_for.is_some(),
             ejected_for_ms: ejected_for.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
@@ -408,6 +425,8 @@ impl Drop for InFlight {
 pub struct EndpointSnapshot {
     pub addr: String,
     pub in_flight: usize,
+    /// Its sidecar is draining (avoided until it accepts a new connection).
+    pub draining: bool,
     /// The latency estimate as of its last sample (not decayed).
     pub ewma_ms: f64,
     pub ejected: bool,
@@ -480,9 +499,10 @@ impl Outlier {
 
 /// Chooses an endpoint among `all`, or `None` if it is empty.
 ///
-/// Ejected endpoints are skipped unless all are ejected (panic mode);
-/// endpoints whose address is in `tried` are skipped unless nothing else is
-/// left, so retries go elsewhere when they can.
+/// Ejected and draining endpoints are skipped unless all are (panic mode,
+/// which still prefers ejected to draining ones); endpoints whose address
+/// is in `tried` are skipped unless nothing else is left, so retries go
+/// elsewhere when they can.
 pub fn choose(
     policy: LbPolicy,
     all: &[Arc<EndpointState>],
@@ -491,11 +511,13 @@ pub fn choose(
     rng: &mut impl rand::Rng,
     now: Instant,
 ) -> Option<Arc<EndpointState>> {
-    let healthy: Vec<&Arc<EndpointState>> = all.iter().filter(|e| !e.is_ejected(now)).collect();
-    let pool = if healthy.is_empty() {
-        all.iter().collect()
-    } else {
-        healthy
+    let up: Vec<&Arc<EndpointState>> = all.iter().filter(|e| !e.is_draining()).collect();
+    let healthy: Vec<&Arc<EndpointState>> =
+        up.iter().copied().filter(|e| !e.is_ejected(now)).collect();
+    let pool = match (healthy.is_empty(), up.is_empty()) {
+        (false, _) => healthy,
+        (true, false) => up,
+        (true, true) => all.iter().collect(),
     };
     let untried: Vec<&Arc<EndpointState>> = pool
         .iter()
@@ -723,6 +745,32 @@ mod tests {
         // The busiest loses every pair; the idle one wins the 2/3 it is in.
         assert_eq!(counts[2], 0, "{counts:?}");
         assert!((5_700..=6_300).contains(&counts[0]), "{counts:?}");
+    }
+
+    #[test]
+    fn draining_endpoints_are_avoided_and_last_in_panic_mode() {
+        let now = Instant::now();
+        let all = endpoints(3, now);
+        assert!(all[0].set_draining(true));
+        assert!(!all[0].set_draining(true), "already draining");
+        let counts = shares(LbPolicy::P2cEwma, &all, &[], 1_000, now);
+        assert_eq!(counts[0], 0, "{counts:?}");
+        // Ejected beats draining when nothing is healthy.
+        let o = outlier_5xx(1);
+        record_n(&o, &all[1], &all, AttemptResult::Status(500), 1, now);
+        all[2].set_draining(true);
+        assert_eq!(shares(LbPolicy::RoundRobin, &all, &[], 10, now), [0, 10, 0]);
+        // All draining: still somewhere to send to.
+        all[1].set_draining(true);
+        assert_eq!(
+            shares(LbPolicy::RoundRobin, &all, &[], 9, now)
+                .iter()
+                .sum::<usize>(),
+            9
+        );
+        assert!(all[0].snapshot(now).draining);
+        assert!(all[0].set_draining(false));
+        assert!(!all[0].snapshot(now).draining);
     }
 
     #[test]

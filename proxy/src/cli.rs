@@ -103,7 +103,9 @@ fn parse_port_set(s: &str) -> Result<PortSet, String> {
                 .parse::<u16>()
                 .ok()
                 .filter(|p| *p > 0)
-                .ok_or_else(|| format!("{p:?} is not a port (1-65535); give '*' or a list like 8080,9090"))
+                .ok_or_else(|| {
+                    format!("{p:?} is not a port (1-65535); give '*' or a list like 8080,9090")
+                })
         })
         .collect::<Result<Vec<_>, _>>()
         .map(|v| PortSet(Some(v)))
@@ -187,12 +189,12 @@ pub struct SidecarArgs {
     /// Runtime worker threads (the sidecar's share of CPU cores) [default: one per CPU].
     #[arg(long, env = "WEFT_WORKERS", value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub workers: Option<u16>,
+    /// On SIGTERM or Ctrl-C, how long to let work in progress finish before
+    /// cutting it (e.g. 20s, 500ms); a second signal exits at once.
+    #[arg(long, env = "WEFT_DRAIN_TIMEOUT", value_name = "DURATION", default_value = "20s", value_parser = humantime::parse_duration)]
+    pub drain_timeout: Duration,
     #[command(flatten)]
     pub tracing: TraceArgs,
-}
-
-/// Tracing and access log flags (see docs/tracing.md). Tracing is off unless an endpoint is given.
-#[derive(Debug, Args)]
     #[command(flatten)]
     pub capture: CaptureArgs,
 }
@@ -202,10 +204,20 @@ pub struct SidecarArgs {
 pub struct CaptureArgs {
     /// Listen here for connections iptables redirects (repeatable; in a pod:
     /// 127.0.0.1:15001 and [::1]:15001). Off when not given.
-    #[arg(long = "capture-outbound", env = "WEFT_CAPTURE_OUTBOUND", value_name = "ADDR", value_delimiter = ',')]
+    #[arg(
+        long = "capture-outbound",
+        env = "WEFT_CAPTURE_OUTBOUND",
+        value_name = "ADDR",
+        value_delimiter = ','
+    )]
     pub capture_outbound: Vec<SocketAddr>,
     /// Intercepted connections to destinations that are no service's `addresses`: connect directly (allow) or refuse (deny).
-    #[arg(long, env = "WEFT_OUTBOUND_POLICY", value_enum, default_value = "allow")]
+    #[arg(
+        long,
+        env = "WEFT_OUTBOUND_POLICY",
+        value_enum,
+        default_value = "allow"
+    )]
     pub outbound_policy: crate::intercept::OutboundPolicy,
     /// Destination ports whose protocols speak first from the server (never wait to detect HTTP).
     #[arg(long, env = "WEFT_SERVER_FIRST_PORTS", value_name = "PORTS", value_delimiter = ',', default_values_t = crate::intercept::CaptureConfig::default().server_first_ports)]
@@ -216,6 +228,10 @@ pub struct CaptureArgs {
     /// How often DNS names in the mesh file (endpoints, addresses) are looked up again.
     #[arg(long, env = "WEFT_DNS_REFRESH", value_name = "DURATION", default_value = "5s", value_parser = humantime::parse_duration)]
     pub dns_refresh: Duration,
+}
+
+/// Tracing and access log flags (see docs/tracing.md). Tracing is off unless an endpoint is given.
+#[derive(Debug, Args)]
 pub struct TraceArgs {
     /// Send spans as OTLP/HTTP protobuf to URL (e.g. http://127.0.0.1:4318/v1/traces; Jaeger reads it).
     #[arg(long, env = "WEFT_TRACE_OTLP_ENDPOINT", value_name = "URL")]
@@ -326,10 +342,6 @@ impl SidecarArgs {
                 max_connections: self.max_connections,
             },
             tracing: self.tracing.into_config()?,
-        })
-    }
-}
-
             capture: crate::intercept::CaptureConfig {
                 listen: self.capture.capture_outbound,
                 outbound_policy: self.capture.outbound_policy,
@@ -338,6 +350,10 @@ impl SidecarArgs {
                 ..crate::intercept::CaptureConfig::default()
             },
             dns_refresh: self.capture.dns_refresh,
+        })
+    }
+}
+
 /// Wait for Ctrl-C or SIGTERM.
 pub async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();

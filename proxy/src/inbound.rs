@@ -5,6 +5,13 @@
 //! TCP connection to the app.
 //!
 //! Phases per stream: accept → context (peer identity) → check → connect → copy.
+//!
+//! Draining (see [`crate::lifecycle`]): new QUIC connections are refused;
+//! an HTTP/3 connection gets a GOAWAY (later requests are rejected with
+//! `H3_REQUEST_REJECTED`, so the peer sends them elsewhere) and a `weft-l4`
+//! connection resets new streams with [`DRAINING`]; once what a connection
+//! had accepted has finished it is closed with [`DRAINING`], or with
+//! [`DRAIN_TIMEOUT`] when the drain deadline cuts it.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -12,11 +19,13 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
+use weft_transport::pool::{DRAINING, DRAIN_TIMEOUT};
 use weft_transport::preamble::{self, Status};
 use weft_transport::{MeshEndpoint, SpiffeId, ALPN_H3, ALPN_L4};
 
 use crate::body::{self, ChannelBody};
 use crate::headers;
+use crate::lifecycle::{Gauge, Phase};
 use crate::metrics::{
     QuicLabels, RequestDurationLabels, RequestLabels, StreamCount, TcpLabels, INBOUND,
 };
@@ -24,11 +33,21 @@ use crate::sidecar::Ctx;
 
 /// A peer must send its stream preamble within this time.
 const PREAMBLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// At the drain deadline, how long a connection waits for its cut TCP
+/// streams' FINs to get out before it is closed (HTTP/3 requests are not
+/// waited for: they are cut by the close itself).
+const CUT_LINGER: Duration = Duration::from_secs(1);
 /// How long to wait for the app to accept a TCP connection.
 const APP_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub(crate) async fn accept_loop(ctx: Arc<Ctx>, endpoint: MeshEndpoint) {
     while let Some(incoming) = endpoint.quinn().accept().await {
+        if ctx.draining() {
+            // CONNECTION_REFUSED at once: the peer tries another endpoint.
+            ctx.metrics.refuse("draining");
+            incoming.refuse();
+            continue;
+        }
         if ctx.inbound_connections.load(Ordering::Relaxed) >= ctx.limits.max_connections {
             ctx.metrics.refuse("connection_limit");
             tracing::warn!(remote = %incoming.remote_address(), limit = ctx.limits.max_connections,
@@ -87,6 +106,7 @@ async fn connection(ctx: Arc<Ctx>, conn: quinn::Connection) {
     let active = ctx.metrics.quic_active.get_or_create(&labels).clone();
     active.inc();
     ctx.inbound_connections.fetch_add(1, Ordering::Relaxed);
+    let _busy = ctx.activity.inbound_connections.enter();
     let streams = ctx.metrics.quic_peers.track(INBOUND, peer.as_str(), &conn);
     tracing::debug!(%peer, remote = %conn.remote_address(), alpn = alpn_label, "peer connected");
     if alpn_label == "h3" {
@@ -106,7 +126,7 @@ async fn h3_connection(
 ) {
     let mut h3conn = match h3::server::builder()
         .max_field_section_size(ctx.limits.max_header_bytes as u64)
-        .build::<_, Bytes>(h3_quinn::Connection::new(conn))
+        .build::<_, Bytes>(h3_quinn::Connection::new(conn.clone()))
         .await
     {
         Ok(c) => c,
@@ -116,14 +136,39 @@ async fn h3_connection(
         }
     };
     let peer = Arc::new(peer);
+    // This connection's requests in progress (a drain waits for them).
+    let local = Gauge::standalone();
+    let mut phase = ctx.phase.clone();
+    let mut goaway = false;
     loop {
-        match h3conn.accept().await {
+        let accepted = if goaway {
+            tokio::select! {
+                a = h3conn.accept() => a,
+                _ = drained(&conn, &local, &mut phase) => return,
+            }
+        } else {
+            tokio::select! {
+                a = h3conn.accept() => a,
+                _ = crate::lifecycle::reached(&mut phase, Phase::Draining) => {
+                    // GOAWAY naming the last request accepted: later ones are
+                    // rejected unprocessed, and the peer stops sending here.
+                    goaway = true;
+                    if let Err(e) = h3conn.shutdown(0).await {
+                        tracing::debug!(%peer, error = %e, "sending GOAWAY failed");
+                    }
+                    tracing::debug!(%peer, in_flight = local.get(), "draining HTTP/3 connection");
+                    continue;
+                }
+            }
+        };
+        match accepted {
             Ok(Some(resolver)) => {
                 let ctx2 = ctx.clone();
                 let peer = peer.clone();
                 let open = streams.open();
+                let busy = (local.enter(), ctx.activity.inbound_requests.enter());
                 ctx.spawn(async move {
-                    let _open = open;
+                    let _open = (open, busy);
                     match resolver.resolve_request().await {
                         Ok((req, stream)) => h3_request(ctx2, &peer, req, stream).await,
                         Err(e) => {
@@ -133,12 +178,51 @@ async fn h3_connection(
                     }
                 });
             }
+            // After our GOAWAY, h3 ends `accept` once its own count of
+            // requests reaches zero; ours (responses still being sent) may
+            // not have: close with DRAINING only when they are done (a drop
+            // here would close with H3_NO_ERROR and cut them).
+            Ok(None) if goaway => {
+                drained(&conn, &local, &mut phase).await;
+                return;
+            }
             Ok(None) => break,
             Err(e) => {
                 tracing::debug!(peer = %peer, error = %e, "HTTP/3 connection ended");
                 break;
             }
         }
+    }
+}
+
+/// While draining: once the connection's streams in progress (`local`)
+/// have ended, and the peer has had a moment to acknowledge their last
+/// bytes, close it with DRAINING; at the drain deadline close it with
+/// DRAIN_TIMEOUT. A peer that closes first (a Weft client closes once its
+/// last response is done) ends this too.
+async fn drained(
+    conn: &quinn::Connection,
+    local: &Gauge,
+    phase: &mut tokio::sync::watch::Receiver<Phase>,
+) {
+    let graceful = async {
+        local.idle().await;
+        tokio::time::sleep(crate::lifecycle::linger(conn.rtt())).await;
+        local.idle().await;
+    };
+    tokio::select! {
+        _ = graceful => conn.close(DRAINING.into(), b"sidecar draining"),
+        _ = crate::lifecycle::reached(phase, Phase::Cutting) => {
+            // TCP streams cut now end with a FIN: let those reach the peer
+            // before the close frame discards what is unacknowledged.
+            let flushed = async {
+                local.idle().await;
+                tokio::time::sleep(crate::lifecycle::linger(conn.rtt())).await;
+            };
+            let _ = tokio::time::timeout(CUT_LINGER, flushed).await;
+            conn.close(DRAIN_TIMEOUT.into(), b"sidecar drain deadline passed")
+        }
+        _ = conn.closed() => {}
     }
 }
 
@@ -321,14 +405,40 @@ async fn l4_connection(
     streams: StreamCount,
 ) {
     let peer = Arc::new(peer);
+    let local = Gauge::standalone();
+    let mut phase = ctx.phase.clone();
+    let mut draining = false;
     loop {
-        match conn.accept_bi().await {
+        let accepted = if draining {
+            tokio::select! {
+                a = conn.accept_bi() => a,
+                _ = drained(&conn, &local, &mut phase) => return,
+            }
+        } else {
+            tokio::select! {
+                a = conn.accept_bi() => a,
+                _ = crate::lifecycle::reached(&mut phase, Phase::Draining) => {
+                    draining = true;
+                    tracing::debug!(%peer, in_flight = local.get(), "draining L4 connection");
+                    continue;
+                }
+            }
+        };
+        match accepted {
+            Ok((mut send, mut recv)) if draining => {
+                // Refused before a byte of it was read: the peer sends it
+                // to another endpoint.
+                ctx.metrics.refuse("draining");
+                let _ = send.reset(DRAINING.into());
+                let _ = recv.stop(DRAINING.into());
+            }
             Ok((send, recv)) => {
                 let ctx2 = ctx.clone();
                 let peer = peer.clone();
                 let open = streams.open();
+                let busy = (local.enter(), ctx.activity.inbound_streams.enter());
                 ctx.spawn(async move {
-                    let _open = open;
+                    let _open = (open, busy);
                     l4_stream(ctx2, &peer, send, recv).await
                 });
             }
@@ -430,7 +540,7 @@ async fn l4_stream(
     let active = ctx.metrics.tcp_active.get_or_create(&labels).clone();
     active.inc();
     let started = (std::time::SystemTime::now(), Instant::now());
-    let result = crate::copy::bidi(tcp, send, recv, idle).await;
+    let result = crate::lifecycle::copy_until_cut(&ctx, tcp, send, recv, idle).await;
     active.dec();
     ctx.metrics
         .tcp_sent_bytes

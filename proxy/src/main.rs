@@ -74,6 +74,7 @@ async fn run(cmd: Command) -> ExitCode {
         Command::Inject(args) => weft_proxy::inject::run(*args),
         Command::Sidecar(args) => {
             let mesh_path = args.mesh.clone();
+            let drain_timeout = args.drain_timeout;
             let cfg = match (*args).into_config() {
                 Ok(c) => c,
                 Err(e) => {
@@ -102,6 +103,19 @@ async fn run(cmd: Command) -> ExitCode {
                 upstreams.join(",")
             );
             weft_proxy::cli::shutdown_signal().await;
+            // Listen for a second signal before draining: it cuts the drain short.
+            let again = weft_proxy::cli::shutdown_signal();
+            tokio::select! {
+                report = sidecar.drain(drain_timeout) => {
+                    if !report.clean() {
+                        tracing::warn!(cut = %report.cut, "drain deadline cut work in progress");
+                    }
+                }
+                _ = again => {
+                    tracing::warn!("second signal: exiting without finishing the drain");
+                    return ExitCode::FAILURE;
+                }
+            }
             tracing::info!("shutting down");
             sidecar.shutdown().await;
             ExitCode::SUCCESS

@@ -312,6 +312,12 @@ impl Metrics {
             m.retries.clone(),
         );
         r.register(
+            "weft_drain_cut",
+            "Work still in progress when a drain's deadline passed, cut short, by kind \
+             (inbound_request, inbound_stream, outbound_request, outbound_stream)",
+            m.drain_cut.clone(),
+        );
+        r.register(
             "weft_retry_budget_exhausted",
             "Retries not made because the service's retry budget was spent",
             m.retry_budget_exhausted.clone(),

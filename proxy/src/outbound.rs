@@ -4,21 +4,25 @@
 //! connection to a peer sidecar. The service's route picks the backend and
 //! the policies; the load balancer picks the endpoint.
 
+mod drain;
 mod mirror;
 mod request;
 mod stream;
 
+pub(crate) use drain::{drive_h3, peer_events, watch_l4, Peers};
+
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use std::net::SocketAddr;
 use http::{Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::body::{self, ProxyBody};
 use crate::headers;
+use crate::lifecycle::Phase;
 use crate::mesh::Protocol;
 use crate::sidecar::{protocol_of, Ctx};
 
@@ -66,12 +70,25 @@ pub(crate) async fn http(ctx: Arc<Ctx>, service: String, stream: TcpStream) {
         .http2()
         .max_header_list_size(ctx.limits.max_header_bytes as u32)
         .max_concurrent_streams(ctx.limits.max_streams_per_connection);
+    let _busy = ctx.activity.app_connections.enter();
+    let mut phase = ctx.phase.clone();
     let svc = hyper::service::service_fn(move |req| {
         let ctx = ctx.clone();
         let service = service.clone();
         async move { Ok::<_, Infallible>(request::request(ctx, service, req).await) }
     });
-    if let Err(e) = builder.serve_connection(TokioIo::new(stream), svc).await {
+    let conn = builder.serve_connection(TokioIo::new(stream), svc);
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = crate::lifecycle::reached(&mut phase, Phase::Draining) => {
+            // Draining: the request in flight finishes, then the connection
+            // closes (HTTP/1.1 without keep-alive, HTTP/2 with GOAWAY).
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
         tracing::debug!(error = %e, "app connection ended with error");
     }
 }

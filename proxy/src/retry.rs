@@ -87,6 +87,12 @@ pub enum Failure {
     /// The peer refused the stream before processing it (HTTP/3
     /// `H3_REQUEST_REJECTED`, or the connection was closing): safe to retry.
     RefusedStream,
+    /// The peer is draining and refused the request or stream before
+    /// processing it (GOAWAY, `H3_REQUEST_REJECTED`, a stream reset with
+    /// `DRAINING`, a connection closed with `DRAINING`, a refused
+    /// handshake). Retried once on another endpoint even without a retry
+    /// policy, and otherwise treated like a refused stream.
+    Draining,
     /// The stream was reset or the connection lost after the request was sent.
     Reset,
     /// No response head within the per-try timeout.
@@ -101,6 +107,7 @@ impl Failure {
         match self {
             Self::ConnectFailure => "connect-failure",
             Self::RefusedStream => "refused-stream",
+            Self::Draining => "drain",
             Self::Reset => "reset",
             Self::PerTryTimeout => "per-try-timeout",
             Self::Status(code) if *code >= 500 => "5xx",
@@ -112,7 +119,11 @@ impl Failure {
     fn no_response(self) -> bool {
         matches!(
             self,
-            Self::ConnectFailure | Self::RefusedStream | Self::Reset | Self::PerTryTimeout
+            Self::ConnectFailure
+                | Self::RefusedStream
+                | Self::Draining
+                | Self::Reset
+                | Self::PerTryTimeout
         )
     }
 }
@@ -132,7 +143,7 @@ pub fn retryable(on: &[RetryOn], f: Failure) -> Option<RetryOn> {
 fn covers(c: RetryOn, f: Failure) -> bool {
     match c {
         RetryOn::ConnectFailure => f == Failure::ConnectFailure,
-        RetryOn::RefusedStream => f == Failure::RefusedStream,
+        RetryOn::RefusedStream => matches!(f, Failure::RefusedStream | Failure::Draining),
         RetryOn::Reset => matches!(f, Failure::Reset | Failure::PerTryTimeout),
         RetryOn::Status5xx => f.no_response() || matches!(f, Failure::Status(s) if s >= 500),
         RetryOn::GatewayError => f.no_response() || matches!(f, Failure::Status(502..=504)),
@@ -144,7 +155,10 @@ fn covers(c: RetryOn, f: Failure) -> bool {
 /// connect failure or a refused stream): such requests are retried even when
 /// the method is not idempotent.
 pub fn never_processed(f: Failure) -> bool {
-    matches!(f, Failure::ConnectFailure | Failure::RefusedStream)
+    matches!(
+        f,
+        Failure::ConnectFailure | Failure::RefusedStream | Failure::Draining
+    )
 }
 
 /// Idempotent methods per RFC 9110 §9.2.2: GET, HEAD, OPTIONS, TRACE, PUT and
@@ -416,6 +430,11 @@ mod tests {
     fn failure_labels() {
         assert_eq!(Failure::ConnectFailure.label(), "connect-failure");
         assert_eq!(Failure::RefusedStream.label(), "refused-stream");
+        assert_eq!(Failure::Draining.label(), "drain");
+        assert_eq!(
+            retryable(&[RetryOn::RefusedStream], Failure::Draining),
+            Some(RetryOn::RefusedStream)
+        );
         assert_eq!(Failure::Reset.label(), "reset");
         assert_eq!(Failure::PerTryTimeout.label(), "per-try-timeout");
         assert_eq!(Failure::Status(500).label(), "5xx");
@@ -493,6 +512,7 @@ mod tests {
     fn never_processed_only_before_sending() {
         assert!(never_processed(Failure::ConnectFailure));
         assert!(never_processed(Failure::RefusedStream));
+        assert!(never_processed(Failure::Draining));
         assert!(!never_processed(Failure::Reset));
         assert!(!never_processed(Failure::PerTryTimeout));
         assert!(!never_processed(Failure::Status(503)));

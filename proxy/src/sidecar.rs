@@ -22,6 +22,7 @@ use weft_transport::{Credentials, MeshEndpoint, MeshTls, Pool, SpiffeId, ALPN_H3
 
 use crate::body::ProxyBody;
 use crate::cluster::State;
+use crate::lifecycle::{Activity, DrainReport, Phase};
 use crate::mesh::{Mesh, Protocol};
 use crate::metrics::{Metrics, QuicLabels, OUTBOUND};
 
@@ -95,11 +96,11 @@ pub struct SidecarConfig {
     pub limits: Limits,
     /// Spans and trace headers (off unless an export endpoint is set).
     pub tracing: crate::trace::TraceConfig,
-}
     /// Transparent interception (off unless `capture.listen` has addresses).
     pub capture: crate::intercept::CaptureConfig,
     /// How often DNS names in the mesh file are looked up again.
     pub dns_refresh: std::time::Duration,
+}
 
 /// Start-up failures. Each says what to fix.
 #[derive(Debug, thiserror::Error)]
@@ -147,8 +148,17 @@ pub(crate) struct Ctx {
     pub inbound_connections: AtomicUsize,
     pub ready: AtomicBool,
     pub drain: watch::Receiver<bool>,
+    /// Serving, draining (no new work; work in progress finishes) or
+    /// cutting (the drain deadline passed): see [`crate::lifecycle`].
+    pub phase: watch::Receiver<Phase>,
+    /// Work in progress, which a drain waits for.
+    pub activity: Activity,
+    /// Peers that are draining, avoided until a new handshake succeeds.
+    pub peers: crate::outbound::Peers,
     pub effective: serde_json::Value,
     pub tracer: crate::trace::Tracer,
+    /// Wakes the DNS resolver (a new mesh names something it has not looked up).
+    pub resolve_now: tokio::sync::Notify,
 }
 
 impl Ctx {
@@ -156,22 +166,12 @@ impl Ctx {
     /// services and endpoints that stay is carried over.
     pub fn apply_mesh(&self, mesh: Mesh) {
         let next = State::new(mesh, Some(&self.state.load()));
-        self.state.store(Arc::new(next));
-    /// Wakes the DNS resolver (a new mesh names something it has not looked up).
-    pub resolve_now: tokio::sync::Notify,
-    }
-
-    /// Spawn a task that ends when the sidecar drains.
-    pub fn spawn<F>(&self, fut: F) -> JoinHandle<()>
-    where
-        F: Future<Output = ()> + Send + 'static,
-    {
         let unresolved = next
             .source()
             .dns_names()
             .iter()
             .any(|n| !next.dns().contains_key(n));
-        let mut drain = self.drain.clone();
+        self.state.store(Arc::new(next));
         if unresolved {
             self.resolve_now.notify_one();
         }
@@ -196,6 +196,14 @@ impl Ctx {
     /// Whether the sidecar has started draining.
     pub fn draining(&self) -> bool {
         *self.phase.borrow() >= Phase::Draining
+    }
+
+    /// Spawn a task that ends when the sidecar stops (after its drain).
+    pub fn spawn<F>(&self, fut: F) -> JoinHandle<()>
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let mut drain = self.drain.clone();
         tokio::spawn(async move {
             tokio::select! {
                 _ = fut => {}
@@ -210,16 +218,17 @@ pub struct Sidecar {
     pub inbound_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     pub upstream_addrs: BTreeMap<String, SocketAddr>,
+    /// Where the outbound capture listeners are bound.
+    pub capture_addrs: Vec<SocketAddr>,
     ctx: Arc<Ctx>,
     endpoint: MeshEndpoint,
     drain: watch::Sender<bool>,
+    phase: watch::Sender<Phase>,
     tasks: Vec<JoinHandle<()>>,
 }
 
 impl Sidecar {
     pub async fn start(cfg: SidecarConfig) -> Result<Sidecar, SidecarError> {
-    /// Where the outbound capture listeners are bound.
-    pub capture_addrs: Vec<SocketAddr>,
         let obtained = crate::identity::obtain(&cfg.identity).await?;
         let tls = MeshTls::new(&cfg.mesh.trust_domain, &obtained.creds)?;
         tracing::info!(identity = %tls.identity(), "certificate loaded");
@@ -235,18 +244,23 @@ impl Sidecar {
             })?;
         let metrics = Metrics::new();
         let (drain_tx, drain) = watch::channel(false);
+        let (phase_tx, phase) = watch::channel(Phase::Serving);
+        // Pooled connections report peers that drain (GOAWAY, DRAINING close).
+        let (peer_events, peer_events_rx) = tokio::sync::mpsc::unbounded_channel();
 
         let trust_domain: Arc<str> = Arc::from(cfg.mesh.trust_domain.as_str());
         let h3_pool = {
             let metrics = metrics.clone();
             let td = trust_domain.clone();
             let max_header = cfg.limits.max_header_bytes as u64;
+            let events = peer_events.clone();
             Pool::with_setup(endpoint.clone(), ALPN_H3, move |conn| {
                 let metrics = metrics.clone();
                 let peer = peer_of(&conn, &td);
+                let events = events.clone();
                 Box::pin(async move {
                     let addr = conn.remote_address();
-                    let (mut driver, sender) = h3::client::builder()
+                    let (driver, sender) = h3::client::builder()
                         .max_field_section_size(max_header)
                         .build::<_, _, Bytes>(h3_quinn::Connection::new(conn.clone()))
                         .await
@@ -254,9 +268,7 @@ impl Sidecar {
                             addr,
                             reason: e.to_string(),
                         })?;
-                    tokio::spawn(async move {
-                        let _ = futures::future::poll_fn(|cx| driver.poll_close(cx)).await;
-                    });
+                    tokio::spawn(crate::outbound::drive_h3(driver, conn.clone(), events));
                     track_outbound(&metrics, &conn, "h3");
                     metrics.quic_peers.track(OUTBOUND, &peer, &conn);
                     Ok((sender, peer))
@@ -268,6 +280,7 @@ impl Sidecar {
             let td = trust_domain.clone();
             Pool::with_setup(endpoint.clone(), ALPN_L4, move |conn| {
                 track_outbound(&metrics, &conn, "weft-l4");
+                crate::outbound::watch_l4(conn.clone(), peer_events.clone());
                 let peer = peer_of(&conn, &td);
                 metrics.quic_peers.track(OUTBOUND, &peer, &conn);
                 Box::pin(async move { Ok(peer) })
@@ -294,6 +307,7 @@ impl Sidecar {
             "upstreams": cfg.upstreams.iter().map(|(s, a)| (s.clone(), a.to_string())).collect::<BTreeMap<_, _>>(),
             "limits": cfg.limits,
             "tracing": cfg.tracing,
+            "capture": cfg.capture,
         });
         let (tracer, exporter) = crate::trace::Tracer::new(
             &cfg.tracing,
@@ -307,17 +321,21 @@ impl Sidecar {
             h3_pool,
             l4_pool,
             app: cfg.app,
-            "capture": cfg.capture,
             app_client,
             limits: cfg.limits.clone(),
             inbound_connections: AtomicUsize::new(0),
             ready: AtomicBool::new(false),
             drain,
+            phase,
+            activity: Activity::default(),
+            peers: crate::outbound::Peers::default(),
             effective,
             tracer,
+            resolve_now: tokio::sync::Notify::new(),
         });
 
         crate::identity::publish_expiry(&ctx);
+        ctx.spawn(crate::outbound::peer_events(ctx.clone(), peer_events_rx));
         if let Some(exporter) = exporter {
             ctx.spawn(exporter);
         }
@@ -331,7 +349,6 @@ impl Sidecar {
         ];
         let mut upstream_addrs = BTreeMap::new();
         for (svc, addr) in &cfg.upstreams {
-            resolve_now: tokio::sync::Notify::new(),
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
                 .map_err(|source| SidecarError::Listen {
@@ -347,29 +364,12 @@ impl Sidecar {
                     source,
                 })?;
             upstream_addrs.insert(svc.clone(), bound);
-            tasks.push(ctx.spawn(crate::outbound::listen(ctx.clone(), svc.clone(), listener)));
+            tasks.push(ctx.spawn_listener(crate::outbound::listen(
+                ctx.clone(),
+                svc.clone(),
+                listener,
+            )));
         }
-        let admin = tokio::net::TcpListener::bind(cfg.admin)
-            .await
-            .map_err(|source| SidecarError::Listen {
-                what: "admin".into(),
-                addr: cfg.admin,
-                source,
-            })?;
-        let admin_addr = admin.local_addr().map_err(|source| SidecarError::Listen {
-            what: "admin".into(),
-            addr: cfg.admin,
-            source,
-        })?;
-        tasks.push(ctx.spawn(crate::admin::serve(ctx.clone(), admin)));
-        ctx.ready.store(true, Ordering::Release);
-        tracing::info!(%inbound_addr, %admin_addr, ?upstream_addrs, "sidecar ready");
-        Ok(Sidecar {
-            inbound_addr,
-            admin_addr,
-            upstream_addrs,
-            ctx,
-            endpoint,
         let capture = Arc::new(cfg.capture.clone());
         let mut capture_addrs = Vec::new();
         for addr in &capture.listen {
@@ -391,7 +391,30 @@ impl Sidecar {
         // The first DNS answers come in before the sidecar says it is ready.
         crate::resolve::refresh(&ctx).await;
         tasks.push(ctx.spawn(crate::resolve::maintain(ctx.clone(), cfg.dns_refresh)));
+        let admin = tokio::net::TcpListener::bind(cfg.admin)
+            .await
+            .map_err(|source| SidecarError::Listen {
+                what: "admin".into(),
+                addr: cfg.admin,
+                source,
+            })?;
+        let admin_addr = admin.local_addr().map_err(|source| SidecarError::Listen {
+            what: "admin".into(),
+            addr: cfg.admin,
+            source,
+        })?;
+        tasks.push(ctx.spawn(crate::admin::serve(ctx.clone(), admin)));
+        ctx.ready.store(true, Ordering::Release);
+        tracing::info!(%inbound_addr, %admin_addr, ?upstream_addrs, "sidecar ready");
+        Ok(Sidecar {
+            inbound_addr,
+            admin_addr,
+            upstream_addrs,
+            capture_addrs,
+            ctx,
+            endpoint,
             drain: drain_tx,
+            phase: phase_tx,
             tasks,
         })
     }
@@ -410,7 +433,6 @@ impl Sidecar {
     }
 
     pub fn mesh(&self) -> Arc<Mesh> {
-            capture_addrs,
         Arc::new(self.ctx.state.load().mesh().clone())
     }
 
@@ -425,6 +447,21 @@ impl Sidecar {
     /// Handshakes the HTTP/3 and L4 pools have started (dedup visible here).
     pub fn pool_handshakes(&self) -> (u64, u64) {
         (self.ctx.h3_pool.handshakes(), self.ctx.l4_pool.handshakes())
+    }
+
+    /// Drain gracefully: `/ready` turns 503, listeners and the inbound
+    /// endpoint stop taking new connections, peers are told to go away
+    /// (HTTP/3 GOAWAY, refused streams) and each connection is closed once
+    /// what it carries has finished; after `timeout` whatever is left is
+    /// cut. Returns what was in progress and what was cut. Call
+    /// [`Sidecar::shutdown`] afterwards to end the remaining tasks.
+    pub async fn drain(&mut self, timeout: std::time::Duration) -> DrainReport {
+        crate::lifecycle::drain(&self.ctx, &self.phase, &self.endpoint, timeout).await
+    }
+
+    /// Whether [`Sidecar::drain`] has started.
+    pub fn draining(&self) -> bool {
+        self.ctx.draining()
     }
 
     /// Stop accepting, close connections, end every task.

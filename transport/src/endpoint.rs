@@ -106,6 +106,21 @@ pub enum ConnectError {
     Setup { addr: SocketAddr, reason: String },
 }
 
+impl ConnectError {
+    /// The peer answered the handshake with CONNECTION_REFUSED: it is up
+    /// but takes no new connections (draining, or at its connection limit).
+    /// Nothing was sent, so the request may go elsewhere.
+    pub fn is_refused(&self) -> bool {
+        matches!(
+            self,
+            ConnectError::Handshake {
+                source: quinn::ConnectionError::ConnectionClosed(c),
+                ..
+            } if c.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED
+        )
+    }
+}
+
 /// Errors creating the endpoint.
 #[derive(Debug, thiserror::Error)]
 pub enum BindError {

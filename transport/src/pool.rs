@@ -18,6 +18,12 @@
 //! uses new ones), while streams already on the old connection finish; at
 //! the peer's expiry the old connection is closed with [`CERT_EXPIRED`] (and
 //! the peer closes it at ours).
+//!
+//! A draining peer closes its connections with [`DRAINING`] once nothing it
+//! accepted is still running (or with [`DRAIN_TIMEOUT`] when its drain
+//! deadline cut streams short); [`drained`] reads which. A connection the
+//! owner [`Pool::evict`]s (its peer said it drains) is never handed out
+//! again: the next caller dials a new one.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -50,6 +56,42 @@ type Dial<T> = futures::future::Shared<futures::future::BoxFuture<'static, Diale
 
 /// QUIC application close code for a connection whose peer certificate expired.
 pub const CERT_EXPIRED: u32 = 0x57_01;
+
+/// QUIC application close code of a sidecar that is draining (shutting down
+/// gracefully): every stream it accepted on this connection had finished,
+/// so a request still waiting for an answer on it was never processed and
+/// may be sent elsewhere.
+pub const DRAINING: u32 = 0x57_02;
+
+/// QUIC application close code of a sidecar whose drain deadline passed
+/// with streams still running on this connection: those were cut short
+/// (and may have been processed in part).
+pub const DRAIN_TIMEOUT: u32 = 0x57_03;
+
+/// How a peer's drain ended a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Drained {
+    /// Closed with [`DRAINING`]: nothing accepted was cut.
+    Graceful,
+    /// Closed with [`DRAIN_TIMEOUT`]: streams were cut at the deadline.
+    Deadline,
+}
+
+/// Whether the peer closed `conn` because it drains, and how.
+pub fn drained(conn: &quinn::Connection) -> Option<Drained> {
+    match conn.close_reason()? {
+        quinn::ConnectionError::ApplicationClosed(c) => {
+            if c.error_code == quinn::VarInt::from_u32(DRAINING) {
+                Some(Drained::Graceful)
+            } else if c.error_code == quinn::VarInt::from_u32(DRAIN_TIMEOUT) {
+                Some(Drained::Deadline)
+            } else {
+                None
+            }
+        }
+        _ => None,
+    }
+}
 
 /// How long before a certificate's expiry a connection made with it stops
 /// taking new streams: a tenth of the validity left when the connection was
@@ -100,6 +142,23 @@ impl<T: Clone + Send + Sync + 'static> Pool<T> {
             setup: Arc::new(setup),
             slots: Mutex::new(HashMap::new()),
             handshakes: AtomicU64::new(0),
+        }
+    }
+
+    /// Stop handing out `conn` (the live connection to `addr`, if it still
+    /// is): its peer is going away. Streams already on it go on.
+    pub fn evict(&self, addr: SocketAddr, conn: &quinn::Connection) {
+        let slot = self
+            .slots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&addr)
+            .cloned();
+        if let Some(slot) = slot {
+            let mut state = slot.state.lock().unwrap_or_else(|p| p.into_inner());
+            if matches!(&state.live, Some(l) if l.conn.stable_id() == conn.stable_id()) {
+                state.live = None;
+            }
         }
     }
 

@@ -3,6 +3,10 @@
 //! (load balancer, per-try timeout, outlier detection) with retries under
 //! the service's budget, all inside the route's request timeout. The
 //! remaining time travels to the peer in `x-weft-deadline-ms`.
+//!
+//! A try the peer refused because it drains (see [`super::drain`]) was
+//! never processed: it is sent once more to another endpoint even when
+//! the route has no retry policy (`weft_retries_total{reason="drain"}`).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -16,6 +20,7 @@ use hyper::body::Incoming;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use super::drain::Alpn;
 use super::{earliest, error_response, within};
 use crate::balance::{self, AttemptResult, EndpointState};
 use crate::body::{self, ChannelBody, ProxyBody};
@@ -31,8 +36,14 @@ use crate::replay::ReplayBody;
 use crate::retry::{self, Failure};
 use crate::route;
 use crate::sidecar::Ctx;
+use weft_transport::pool::{drained, Drained};
 
 type ClientRecv = h3::client::RequestStream<h3_quinn::RecvStream, Bytes>;
+
+/// Request bodies up to this size are kept for a retry even when the route
+/// has none, so a request refused by a draining peer can go elsewhere
+/// (linkerd2-proxy keeps 64 KiB for its retries too).
+const DRAIN_REPLAY_BYTES: usize = 64 << 10;
 
 /// What the app gets back, and what the metrics say about it.
 struct Handled {
@@ -49,6 +60,7 @@ pub(super) async fn request(
     req: Request<Incoming>,
 ) -> Response<ProxyBody> {
     let start = StdInstant::now();
+    let _busy = ctx.activity.outbound_requests.enter();
     let version = req.version();
     let mut req = req;
     let span = ctx.tracer.client(&service, &mut req);
@@ -199,7 +211,8 @@ async fn handle(ctx: &Arc<Ctx>, service: &str, req: Request<Incoming>) -> Handle
         route.retries.max_body_bytes
     } else {
         0
-    };
+    }
+    .max(DRAIN_REPLAY_BYTES);
     let root = ReplayBody::new(
         body::counted(
             http_body_util::BodyExt::boxed_unsync(http_body_util::BodyExt::map_err(body, |e| {
@@ -303,6 +316,8 @@ impl Tries<'_> {
         let idempotent = retry::is_idempotent(&self.parts.method);
         let mut tried: Vec<SocketAddr> = Vec::new();
         let mut retries = 0u32;
+        // The one transparent retry of a try a draining peer refused.
+        let mut drain_retried = false;
         loop {
             let now = Instant::now();
             let Some(ep) = balance::choose(
@@ -340,7 +355,7 @@ impl Tries<'_> {
                     try_deadline,
                     connect_timeout,
                     false,
-                    retries + 1,
+                    tried.len() as u32,
                 ),
             )
             .await;
@@ -369,6 +384,11 @@ impl Tries<'_> {
                     (Failure::Status(status), Last::Response(Box::new(sent)))
                 }
                 Some(Err(TryError::Answer(resp))) => return (resp, String::new()),
+                // Not the endpoint's fault: no latency sample, no outlier count.
+                Some(Err(TryError::Failed(Failure::Draining, msg))) => (
+                    Failure::Draining,
+                    Last::Error(StatusCode::SERVICE_UNAVAILABLE, msg),
+                ),
                 Some(Err(TryError::Failed(f, msg))) => {
                     // A failed try cost the caller this long too; without it
                     // an endpoint that never answers keeps its initial
@@ -404,6 +424,19 @@ impl Tries<'_> {
                 }
             };
             drop(in_flight);
+
+            // Refused by a draining peer, so never processed: once, to
+            // another endpoint, whatever the route's policy says.
+            if failure == Failure::Draining
+                && !drain_retried
+                && self.root.replayable()
+                && self.endpoints.iter().any(|e| !tried.contains(&e.addr()))
+            {
+                drain_retried = true;
+                count(&self.ctx.metrics.retries, self.labels, failure.label());
+                tracing::debug!(service = %self.authority, endpoint = %ep.addr(), "peer draining; trying another endpoint");
+                continue;
+            }
 
             // May this failure be tried again? A connect failure is only
             // retried on another endpoint: the same one just failed to answer
@@ -535,6 +568,13 @@ fn stream_response<H: Send + 'static>(sent: Sent, hold: H) -> (Response<ProxyBod
     (Response::from_parts(rparts, body::boxed(chan)), peer)
 }
 
+/// The peer at `addr` drains: new requests go to a new connection (once it
+/// answers a handshake again) and the load balancer avoids it meanwhile.
+fn peer_gone(ctx: &Arc<Ctx>, addr: SocketAddr, conn: &quinn::Connection) {
+    ctx.h3_pool.evict(addr, conn);
+    super::drain::peer_draining(ctx, addr, Alpn::H3);
+}
+
 /// One try: send the request to the peer sidecar at `addr` and wait for the
 /// response head. `deadline` (if any) is told to the peer.
 #[allow(clippy::too_many_arguments)]
@@ -549,14 +589,20 @@ pub(super) async fn send(
     mirror: bool,
     attempt: u32,
 ) -> Result<Sent, TryError> {
-    let (_conn, (mut sender, peer)) =
+    let (conn, (mut sender, peer)) =
         match tokio::time::timeout(connect_timeout, ctx.h3_pool.get(addr)).await {
             Ok(Ok(x)) => x,
             Ok(Err(e)) => {
+                let failure = if e.is_refused() {
+                    super::drain::peer_draining(ctx, addr, Alpn::H3);
+                    Failure::Draining
+                } else {
+                    Failure::ConnectFailure
+                };
                 return Err(TryError::Failed(
-                    Failure::ConnectFailure,
+                    failure,
                     format!("weft: upstream connect error: {e}"),
-                ))
+                ));
             }
             Err(_) => {
                 return Err(TryError::Failed(
@@ -616,10 +662,19 @@ pub(super) async fn send(
         }
         // The request head did not go out: the peer never saw it.
         Err(e) => {
+            // RemoteClosing: the peer sent GOAWAY.
+            let draining = matches!(e, h3::error::StreamError::RemoteClosing { .. })
+                || drained(&conn).is_some();
+            let failure = if draining {
+                peer_gone(ctx, addr, &conn);
+                Failure::Draining
+            } else {
+                Failure::RefusedStream
+            };
             return Err(TryError::Failed(
-                Failure::RefusedStream,
+                failure,
                 format!("weft: sending request to {addr}: {e}"),
-            ))
+            ));
         }
     };
     let (mut send, mut recv) = stream.split();
@@ -639,13 +694,19 @@ pub(super) async fn send(
             sender,
         }),
         Err(e) => {
-            let refused = matches!(
+            // REQUEST_REJECTED comes from a peer that sent GOAWAY; a
+            // DRAINING close means nothing accepted was still running.
+            let rejected = matches!(
                 e,
                 h3::error::StreamError::RemoteTerminate { code, .. }
                     if code == h3::error::Code::H3_REQUEST_REJECTED
             );
-            let f = if refused {
-                Failure::RefusedStream
+            let drain = drained(&conn);
+            if rejected || drain.is_some() {
+                peer_gone(ctx, addr, &conn);
+            }
+            let f = if rejected || drain == Some(Drained::Graceful) {
+                Failure::Draining
             } else {
                 Failure::Reset
             };

@@ -3,6 +3,11 @@
 //! with retries on connect failure (the bytes have not been sent, so this
 //! is always safe) → copy both ways until both sides end or the stream is
 //! idle for the service's `idle_timeout`.
+//!
+//! A stream a draining peer refused before its preamble answer (reset with
+//! `DRAINING`, the connection closed with `DRAINING`, a refused handshake)
+//! never reached the app: it is opened once more on another endpoint even
+//! when the route has no retry policy.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -12,12 +17,14 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use weft_transport::preamble;
 
+use super::drain::Alpn;
 use crate::balance::{self, AttemptResult, EndpointState};
 use crate::cluster::Cluster;
 use crate::metrics::{RouteLabels, RouteReasonLabels, ServiceReasonLabels, TcpLabels, OUTBOUND};
 use crate::retry::{self, Failure};
 use crate::route;
 use crate::sidecar::Ctx;
+use weft_transport::pool::{drained, Drained, DRAINING};
 
 /// How long the peer sidecar may take to answer a TCP stream preamble,
 /// beyond the connect timeout it is given (it connects to its app first).
@@ -25,6 +32,7 @@ const PREAMBLE_GRACE: Duration = Duration::from_secs(1);
 
 pub(super) async fn proxy(ctx: Arc<Ctx>, service: String, stream: TcpStream, from: SocketAddr) {
     let started = (std::time::SystemTime::now(), std::time::Instant::now());
+    let _busy = ctx.activity.outbound_streams.enter();
     let labels = TcpLabels {
         direction: OUTBOUND,
         service: service.clone(),
@@ -42,7 +50,7 @@ pub(super) async fn proxy(ctx: Arc<Ctx>, service: String, stream: TcpStream, fro
             let labels = TcpLabels { peer, ..labels };
             let active = ctx.metrics.tcp_active.get_or_create(&labels).clone();
             active.inc();
-            let result = crate::copy::bidi(stream, send, recv, idle).await;
+            let result = crate::lifecycle::copy_until_cut(&ctx, stream, send, recv, idle).await;
             drop(hold);
             active.dec();
             ctx.metrics
@@ -143,6 +151,7 @@ async fn connect(ctx: &Arc<Ctx>, service: &str) -> Result<Connected, String> {
     cluster.budget.deposit();
     let mut tried = Vec::new();
     let mut retries = 0;
+    let mut drain_retried = false;
     loop {
         let ep = balance::choose(
             cluster.lb,
@@ -156,7 +165,7 @@ async fn connect(ctx: &Arc<Ctx>, service: &str) -> Result<Connected, String> {
         tried.push(ep.addr());
         let in_flight = ep.start();
         let started = Instant::now();
-        let error = match open(ctx, &cluster, &backend.service, &ep).await {
+        let (error, draining) = match open(ctx, &cluster, &backend.service, &ep).await {
             Ok((send, recv, peer)) => {
                 ep.observe_latency(started.elapsed(), Instant::now());
                 record(ctx, &cluster, &ep, AttemptResult::Status(200));
@@ -171,11 +180,29 @@ async fn connect(ctx: &Arc<Ctx>, service: &str) -> Result<Connected, String> {
             // The peer refused us (authorization, unknown service): another
             // endpoint would too, and the endpoint is healthy.
             Err(OpenError::Refused(msg)) => return Err(msg),
-            Err(OpenError::Failed(msg)) => msg,
+            Err(OpenError::Failed(msg)) => (msg, false),
+            Err(OpenError::Draining(msg)) => (msg, true),
         };
-        record(ctx, &cluster, &ep, AttemptResult::ConnectFailure);
-        let p = &route.retries;
         let elsewhere = endpoints.iter().any(|e| !tried.contains(&e.addr()));
+        if draining {
+            // Never reached the app: once more elsewhere, whatever the policy.
+            if !drain_retried && elsewhere {
+                drain_retried = true;
+                ctx.metrics
+                    .retries
+                    .get_or_create(&RouteReasonLabels {
+                        service: rl.service.clone(),
+                        route: rl.route.clone(),
+                        reason: Failure::Draining.label(),
+                    })
+                    .inc();
+                tracing::debug!(service = %backend.service, endpoint = %ep.addr(), %error, "peer draining; opening the stream elsewhere");
+                continue;
+            }
+        } else {
+            record(ctx, &cluster, &ep, AttemptResult::ConnectFailure);
+        }
+        let p = &route.retries;
         if retry::retryable(&p.on, Failure::ConnectFailure).is_none()
             || retries >= p.attempts
             || !elsewhere
@@ -223,6 +250,8 @@ enum OpenError {
     Failed(String),
     /// The peer answered and said no (a policy answer, not a failure).
     Refused(String),
+    /// The peer is draining and refused the stream before reading it.
+    Draining(String),
 }
 
 impl From<String> for OpenError {
@@ -240,12 +269,37 @@ async fn open(
 ) -> Result<(quinn::SendStream, quinn::RecvStream, String), OpenError> {
     let addr = ep.addr();
     let connect_timeout = cluster.service.policy.connect_timeout;
-    let (conn, peer) = tokio::time::timeout(connect_timeout, ctx.l4_pool.get(addr))
+    let (conn, peer) = match tokio::time::timeout(connect_timeout, ctx.l4_pool.get(addr))
         .await
         .map_err(|_| format!("connect to {addr} timed out"))?
-        .map_err(|e| e.to_string())?;
+    {
+        Ok(x) => x,
+        Err(e) if e.is_refused() => {
+            super::drain::peer_draining(ctx, addr, Alpn::L4);
+            return Err(OpenError::Draining(e.to_string()));
+        }
+        Err(e) => return Err(OpenError::Failed(e.to_string())),
+    };
     let peer = peer.to_string();
-    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    // Whether an error on this stream means the peer drains (and then
+    // stop using its connection).
+    let drain_error = |msg: String, reset: Option<quinn::VarInt>| {
+        let draining = reset == Some(quinn::VarInt::from_u32(DRAINING))
+            || drained(&conn) == Some(Drained::Graceful);
+        if draining || drained(&conn).is_some() {
+            ctx.l4_pool.evict(addr, &conn);
+            super::drain::peer_draining(ctx, addr, Alpn::L4);
+        }
+        if draining {
+            OpenError::Draining(msg)
+        } else {
+            OpenError::Failed(msg)
+        }
+    };
+    let (mut send, mut recv) = conn
+        .open_bi()
+        .await
+        .map_err(|e| drain_error(e.to_string(), None))?;
     let req = preamble::Request {
         target: service.to_string(),
         port: cluster.service.port,
@@ -253,12 +307,24 @@ async fn open(
         deadline_ms: u32::try_from(connect_timeout.as_millis()).unwrap_or(u32::MAX),
     };
     let bytes = req.encode().map_err(|e| e.to_string())?;
-    send.write_all(&bytes).await.map_err(|e| e.to_string())?;
+    if let Err(e) = send.write_all(&bytes).await {
+        let code = match &e {
+            quinn::WriteError::Stopped(code) => Some(*code),
+            _ => None,
+        };
+        return Err(drain_error(e.to_string(), code));
+    }
     let wait = connect_timeout + PREAMBLE_GRACE;
     let resp = tokio::time::timeout(wait, weft_transport::l4::read_response(&mut recv))
         .await
         .map_err(|_| format!("{addr} did not answer the stream preamble in {wait:?}"))?
-        .map_err(|e| format!("reading the answer of {addr}: {e}"))?;
+        .map_err(|e| {
+            let code = match &e {
+                weft_transport::l4::ReadError::Stream(quinn::ReadError::Reset(code)) => Some(*code),
+                _ => None,
+            };
+            drain_error(format!("reading the answer of {addr}: {e}"), code)
+        })?;
     let msg = format!(
         "{addr} refused the stream: {:?} {}",
         resp.status, resp.message
