@@ -72,6 +72,14 @@ pub(crate) async fn http(ctx: Arc<Ctx>, service: String, stream: TcpStream) {
         .max_concurrent_streams(ctx.limits.max_streams_per_connection);
     let _busy = ctx.activity.app_connections.enter();
     let mut phase = ctx.phase.clone();
+    // A connection accepted while draining (a capture listener keeps
+    // accepting, so the app can still call out while it shuts down) serves
+    // its request and closes; one accepted before closes after the request
+    // in flight when the drain starts.
+    let draining = ctx.draining();
+    if draining {
+        builder.http1().keep_alive(false);
+    }
     let svc = hyper::service::service_fn(move |req| {
         let ctx = ctx.clone();
         let service = service.clone();
@@ -81,7 +89,7 @@ pub(crate) async fn http(ctx: Arc<Ctx>, service: String, stream: TcpStream) {
     tokio::pin!(conn);
     let result = tokio::select! {
         r = conn.as_mut() => r,
-        _ = crate::lifecycle::reached(&mut phase, Phase::Draining) => {
+        _ = crate::lifecycle::reached(&mut phase, Phase::Draining), if !draining => {
             // Draining: the request in flight finishes, then the connection
             // closes (HTTP/1.1 without keep-alive, HTTP/2 with GOAWAY).
             conn.as_mut().graceful_shutdown();

@@ -1,9 +1,11 @@
 //! Graceful lifecycle: readiness, drain on shutdown, and peers that react
 //! to a draining sidecar without failing requests.
 //!
-//! - a rolling restart of both endpoints of a service, each restarted on
-//!   the same address, under constant HTTP load and with no retry policy:
-//!   no request fails, and both endpoints serve again afterwards;
+//! - a rolling restart of both endpoints of a service under constant HTTP
+//!   load and with no retry policy, each restarted on the same address, or
+//!   (as in Kubernetes) replaced by one on a new address that joins the
+//!   mesh file before the old one drains and leaves it: no request fails,
+//!   and both endpoints serve afterwards;
 //! - the same for TCP streams: new streams go to the other endpoint, and a
 //!   long-lived stream is ended cleanly at the drain deadline;
 //! - `/ready` is 503 while draining and `/live` 200; a request in progress
@@ -77,20 +79,13 @@ async fn wait_ready(admin: SocketAddr) {
     assert!(ready, "sidecar at {admin} never became ready");
 }
 
-/// Drain the fleet's server `i`, stop it, and start a new sidecar for the
-/// same app on the same inbound address; waits until it is ready.
-async fn restart_server(fleet: &mut Fleet, i: usize) {
-    let Server {
-        service,
-        labels,
-        app,
-        mut sidecar,
-    } = fleet.servers.remove(i);
-    let inbound = sidecar.inbound_addr;
-    let report = sidecar.drain(Duration::from_secs(10)).await;
-    assert!(report.clean(), "{} cut work: {report:?}", app.name);
-    sidecar.shutdown().await;
-
+/// A new sidecar for `app` (a restarted pod), started from flags on
+/// `inbound`, reading and watching the fleet's mesh file; once ready.
+async fn start_for(
+    fleet: &Fleet,
+    app: &weft_tests::fleet::BehavingApp,
+    inbound: SocketAddr,
+) -> Sidecar {
     let certs = fleet.dir.path().join(format!("certs-{}", app.name));
     write_certs(&fleet.ca, &app.name, &certs);
     let flags: Vec<String> = [
@@ -111,6 +106,23 @@ async fn restart_server(fleet: &mut Fleet, i: usize) {
     let mut sidecar = start_from_flags(&flags).await;
     sidecar.watch_mesh_file(fleet.mesh_path.clone(), RELOAD_INTERVAL);
     wait_ready(sidecar.admin_addr).await;
+    sidecar
+}
+
+/// Drain the fleet's server `i`, stop it, and start a new sidecar for the
+/// same app on the same inbound address; waits until it is ready.
+async fn restart_server(fleet: &mut Fleet, i: usize) {
+    let Server {
+        service,
+        labels,
+        app,
+        mut sidecar,
+    } = fleet.servers.remove(i);
+    let inbound = sidecar.inbound_addr;
+    let report = sidecar.drain(Duration::from_secs(10)).await;
+    assert!(report.clean(), "{} cut work: {report:?}", app.name);
+    sidecar.shutdown().await;
+    let sidecar = start_for(fleet, &app, inbound).await;
     fleet.servers.insert(
         i,
         Server {
@@ -120,6 +132,35 @@ async fn restart_server(fleet: &mut Fleet, i: usize) {
             sidecar,
         },
     );
+}
+
+/// Point the `payment` service at `endpoints` (a mesh-file edit, as a
+/// controller would make it) and wait until the client routes by it.
+async fn set_endpoints(fleet: &Fleet, endpoints: &[SocketAddr]) {
+    let list: Vec<String> = endpoints.iter().map(|a| format!("\"{a}\"")).collect();
+    let text = format!(
+        "trust_domain = \"{TD}\"\n[services.payment]\nendpoints = [{}]\nload_balancer = \"round-robin\"\n",
+        list.join(", ")
+    );
+    Mesh::parse(&text, "mesh.toml").unwrap_or_else(|e| panic!("{e}\n{text}"));
+    let tmp = fleet.mesh_path.with_extension("toml.new");
+    std::fs::write(&tmp, text).expect("write mesh");
+    std::fs::rename(&tmp, &fleet.mesh_path).expect("replace mesh");
+    let want: Vec<String> = endpoints.iter().map(|a| a.to_string()).collect();
+    let applied = wait_until(Duration::from_secs(10), || async {
+        let clusters = fleet.clusters().await;
+        let have: Vec<String> = clusters["payment"]["endpoints"]
+            .as_array()
+            .map(|eps| {
+                eps.iter()
+                    .filter_map(|e| e["addr"].as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default();
+        have == want
+    })
+    .await;
+    assert!(applied, "the client did not apply endpoints {want:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -179,6 +220,59 @@ async fn rolling_restart_under_load_fails_no_request() {
             "rolling restart: {} requests ok, {drain_retries} transparent drain retries",
             load.ok()
         );
+    })
+    .await
+    .expect("test timed out");
+}
+
+/// As Kubernetes does it: each replacement gets a new address; it starts,
+/// joins the endpoints, then the old one drains and leaves them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolling_restart_to_new_addresses_fails_no_request() {
+    tokio::time::timeout(LIMIT, async {
+        let mut fleet = Fleet::start(
+            &[spec("payment", "a", &[]), spec("payment", "b", &[])],
+            "load_balancer = \"round-robin\"\n",
+        )
+        .await;
+        let load = background(fleet.upstream("payment"), 4);
+        let mut ok = load.assert_flows(0, "before the restarts").await;
+        for i in 0..2 {
+            let old_addr = fleet.servers[i].sidecar.inbound_addr;
+            let new = start_for(&fleet, &fleet.servers[i].app, any_port()).await;
+            let mut endpoints: Vec<SocketAddr> = fleet
+                .servers
+                .iter()
+                .map(|s| s.sidecar.inbound_addr)
+                .collect();
+            endpoints.push(new.inbound_addr);
+            set_endpoints(&fleet, &endpoints).await;
+            // The old pod gets SIGTERM while it is still listed.
+            let old = std::mem::replace(&mut fleet.servers[i].sidecar, new);
+            let mut old = old;
+            let report = old.drain(Duration::from_secs(10)).await;
+            assert!(report.clean(), "{report:?}");
+            old.shutdown().await;
+            endpoints.retain(|a| *a != old_addr);
+            set_endpoints(&fleet, &endpoints).await;
+            ok = load.assert_flows(ok, "after a restart").await;
+        }
+        let seen: Vec<u64> = fleet.servers.iter().map(|s| s.app.requests()).collect();
+        let both = wait_until(Duration::from_secs(20), || async {
+            fleet
+                .servers
+                .iter()
+                .zip(&seen)
+                .all(|(s, before)| s.app.requests() > before + 10)
+        })
+        .await;
+        load.stop();
+        assert!(both, "both new endpoints serve: {seen:?}");
+        load.assert_no_failure();
+        let ejections = fleet
+            .client_metric("weft_outlier_ejections_total", &[])
+            .await;
+        assert_eq!(ejections, 0.0, "a draining endpoint is not an outlier");
     })
     .await
     .expect("test timed out");
