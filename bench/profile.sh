@@ -9,6 +9,7 @@
 #   bench/profile.sh http 10 bench-results/profile-http   # closed loop, 32 connections
 #   bench/profile.sh tcp  10 bench-results/profile-tcp    # bulk, 4 streams
 #   RATE=1000 bench/profile.sh http 10 ...                # open loop at 1,000 req/s
+#   SYSCALLS=1 RATE=1000 bench/profile.sh http 10 ...     # count system calls (strace -c) instead
 set -euo pipefail
 
 mode=${1:-http}
@@ -80,16 +81,29 @@ if [ "$mode" = tcp ]; then
 else
   "$bin/weft-bench" http "http://127.0.0.1:$upstream/" -c 2 -d 300ms -q >/dev/null
 fi
-perf record -e cpu-clock -F 1999 -p "$server" -o "$out/server.perf.data" -- sleep "$secs" 2>/dev/null &
-perf_server=$!
-perf record -e cpu-clock -F 1999 -p "$client" -o "$out/client.perf.data" -- sleep "$secs" 2>/dev/null &
-perf_client=$!
+if [ -n "${SYSCALLS:-}" ]; then
+  # Count system calls instead of sampling (strace slows the sidecars: use with RATE=).
+  command -v strace >/dev/null || { echo "strace not found" >&2; exit 2; }
+  timeout -s INT "$secs" strace -c -f -p "$server" -o "$out/server.syscalls.txt" &
+  perf_server=$!
+  timeout -s INT "$secs" strace -c -f -p "$client" -o "$out/client.syscalls.txt" &
+  perf_client=$!
+else
+  perf record -e cpu-clock -F 1999 -p "$server" -o "$out/server.perf.data" -- sleep "$secs" 2>/dev/null &
+  perf_server=$!
+  perf record -e cpu-clock -F 1999 -p "$client" -o "$out/client.perf.data" -- sleep "$secs" 2>/dev/null &
+  perf_client=$!
+fi
 if [ "$mode" = tcp ]; then
   "$bin/weft-bench" tcp "127.0.0.1:$upstream" -s 4 -d "${secs}s" -q | tee "$out/load.txt"
 else
   "$bin/weft-bench" http "http://127.0.0.1:$upstream/" -c 32 ${RATE:+--rate $RATE} -d "${secs}s" -q | tee "$out/load.txt"
 fi
 wait "$perf_server" "$perf_client" || true
+if [ -n "${SYSCALLS:-}" ]; then
+  for side in client server; do echo "== $side sidecar: system calls"; head -14 "$out/$side.syscalls.txt"; done
+  exit 0
+fi
 for side in client server; do
   perf report -i "$out/$side.perf.data" --no-children --sort dso --stdio 2>/dev/null |
     grep -v '^#' | grep -v '^$' | head -15 >"$out/$side.by-dso.txt" || true
