@@ -164,13 +164,16 @@ pub fn run(settings: Settings, quiet: bool) -> anyhow::Result<Report> {
         if !settings.scenarios.is_empty() && !settings.scenarios.iter().any(|s| s == name) {
             continue;
         }
-        let sc = match name {
+        let start = || match name {
             "weft-http" => scenarios::weft_pair(&setup, weft, false),
             "weft-tcp" => scenarios::weft_pair(&setup, weft, true),
             "haproxy-h1" => scenarios::haproxy_pair(&setup, haproxy, HaproxyMode::Http1),
             "haproxy-h2" => scenarios::haproxy_pair(&setup, haproxy, HaproxyMode::Http2),
             _ => scenarios::haproxy_pair(&setup, haproxy, HaproxyMode::Tcp),
         };
+        // Ports are picked free and then bound by the child: another process
+        // may take one in between, so a failed start gets a second try.
+        let sc = start().or_else(|_| start());
         scenarios.push(sc.with_context(|| format!("setting up {name}"))?);
     }
 
