@@ -291,10 +291,7 @@ impl Mesh {
     /// This mesh with every DNS name replaced by the addresses `dns` knows
     /// for it (a name it does not know contributes nothing yet). Endpoints
     /// listed by address come first; duplicates are dropped.
-    pub fn resolved(
-        &self,
-        dns: &std::collections::HashMap<String, Vec<std::net::IpAddr>>,
-    ) -> Mesh {
+    pub fn resolved(&self, dns: &std::collections::HashMap<String, Vec<std::net::IpAddr>>) -> Mesh {
         let mut mesh = self.clone();
         for svc in mesh.services.values_mut() {
             for named in &svc.endpoint_names {
@@ -966,10 +963,7 @@ endpoints = ["127.0.0.1:15108", "local host:80"]
         // Resolved: the name's addresses join, with its labels; unknown names add nothing.
         let dns = std::collections::HashMap::from([(
             "a-v2.ns.svc.cluster.local".to_string(),
-            vec![
-                "10.0.0.7".parse().unwrap(),
-                "10.0.0.1".parse().unwrap(),
-            ],
+            vec!["10.0.0.7".parse().unwrap(), "10.0.0.1".parse().unwrap()],
         )]);
         let r = mesh.resolved(&dns);
         let a = r.service("a").unwrap();
@@ -1001,12 +995,16 @@ endpoints = ["127.0.0.1:15108", "local host:80"]
             "trust_domain = \"td\"\n[services.a]\nendpoints = [\"10.0.0.1:15008\"]\naddresses = [\"10.96.0.1:80\"]\n\
              [services.b]\nendpoints = [\"10.0.0.2:15008\"]\naddresses = [\"10.96.0.1:80\"]\n",
         );
-        assert!(e.message.contains("listed by services \"a\" and \"b\""), "{e}");
+        assert!(
+            e.message.contains("listed by services \"a\" and \"b\""),
+            "{e}"
+        );
         let e = one_error(
             "trust_domain = \"td\"\n[services.a]\nendpoints = [\"a.ns:15008\", \"A.ns:15008\"]\n",
         );
         assert!(e.message.contains("listed twice"), "{e}");
-        let e = one_error("trust_domain = \"td\"\n[services.a]\nendpoints = [\"bad_name!:15008\"]\n");
+        let e =
+            one_error("trust_domain = \"td\"\n[services.a]\nendpoints = [\"bad_name!:15008\"]\n");
         assert!(e.message.contains("nor a DNS name:port"), "{e}");
     }
 
