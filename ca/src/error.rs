@@ -65,7 +65,7 @@ pub enum CaError {
     KubernetesForbidden(String),
     #[error("cannot check the service-account token with the Kubernetes API server: {0}; the request can be retried")]
     KubernetesUnavailable(String),
-    #[error("{path} may be read by group or others (mode {mode:o}); run `chmod 600 {path}` (in Kubernetes, mount the Secret with defaultMode: 0400)", path = .path.display())]
+    #[error("{path} may be read by group or others (mode {mode:o}); run `chmod 600 {path}` (in Kubernetes, mount the Secret with defaultMode: 0440 and set the pod's fsGroup to the container's runAsGroup, or 0400 for a root container)", path = .path.display())]
     InsecureFile { path: PathBuf, mode: u32 },
     #[error("invalid trust bundle change: {0}")]
     Trust(String),

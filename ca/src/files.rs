@@ -82,10 +82,20 @@ pub(crate) fn missing_or_io(dir: &Path, name: &'static str, e: std::io::Error) -
 
 /// Refuse a secret file that group or others may read: a CA key readable
 /// by other users is a compromised CA.
+///
+/// One exception, as PostgreSQL makes for its key: a file owned by root
+/// that we (not root) read through our own group, with group read only
+/// (mode 0440 or 0640 at most). That is how Kubernetes presents a Secret
+/// to a non-root container (`fsGroup` = the container's group), and the
+/// group then holds only this container's processes.
 pub(crate) fn check_private(path: &Path) -> Result<(), CaError> {
+    use std::os::unix::fs::MetadataExt;
     let meta = std::fs::metadata(path).map_err(|e| CaError::io("inspect", path, e))?;
     let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
+    // SAFETY: geteuid/getegid cannot fail and touch no memory.
+    let (euid, egid) = unsafe { (libc::geteuid(), libc::getegid()) };
+    let via_our_group = meta.uid() == 0 && euid != 0 && meta.gid() == egid && mode & 0o037 == 0;
+    if mode & 0o077 != 0 && !via_our_group {
         return Err(CaError::InsecureFile {
             path: path.to_path_buf(),
             mode,

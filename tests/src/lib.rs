@@ -4,6 +4,7 @@
 //! real QUIC with real mTLS.
 
 pub mod fleet;
+pub mod impair;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -89,7 +90,21 @@ pub async fn sidecar(
     upstreams: &[&str],
     limits: Limits,
 ) -> Sidecar {
-    Sidecar::start(SidecarConfig {
+    Sidecar::start(sidecar_config(mesh, creds, app, upstreams, limits))
+        .await
+        .expect("sidecar starts")
+}
+
+/// The configuration [`sidecar`] starts, for tests that change more of it
+/// (a fixed inbound address, say) before starting it.
+pub fn sidecar_config(
+    mesh: &Mesh,
+    creds: Credentials,
+    app: Option<SocketAddr>,
+    upstreams: &[&str],
+    limits: Limits,
+) -> SidecarConfig {
+    SidecarConfig {
         mesh: mesh.clone(),
         identity: IdentitySource::Static(creds),
         inbound: any_port(),
@@ -99,13 +114,12 @@ pub async fn sidecar(
             .iter()
             .map(|s| (s.to_string(), any_port()))
             .collect(),
+        udp_upstreams: Vec::new(),
         limits,
         tracing: Default::default(),
         capture: Default::default(),
         dns_refresh: weft_proxy::resolve::DEFAULT_INTERVAL,
-    })
-    .await
-    .expect("sidecar starts")
+    }
 }
 
 /// A client sidecar (`customer`, with upstream listeners for `services`) and
@@ -309,8 +323,9 @@ pub fn quic_connections(samples: &[Sample], direction: &str, alpn: &str) -> f64 
     )
 }
 
-/// Path of a workspace binary (`weft`, `weft-ca`), built by cargo for the
-/// integration tests of its own crate; built on demand if missing.
+/// Path of a workspace binary (`weft`, `weft-ca`), brought up to date by
+/// cargo once per test process (a stale binary would test old code; when it
+/// is current this costs a no-op build).
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
     // target/debug/deps/<test> -> target/debug/<name>
@@ -320,7 +335,9 @@ pub fn bin(name: &str) -> PathBuf {
         .expect("target dir")
         .to_path_buf();
     let path = dir.join(name);
-    if !path.exists() {
+    static BUILT: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    if !built.iter().any(|b| b == name) {
         let pkg = if name == "weft" {
             "weft-proxy"
         } else {
@@ -331,6 +348,7 @@ pub fn bin(name: &str) -> PathBuf {
             .status()
             .expect("cargo build");
         assert!(status.success(), "building {name}");
+        built.push(name.to_string());
     }
     path
 }

@@ -315,9 +315,11 @@ fn base_renders_and_validates() {
         .expect("secret volume");
     assert_eq!(secret["secret"]["secretName"], "weft-ca");
     assert_eq!(
-        secret["secret"]["defaultMode"], 0o400,
-        "the CA key must be owner-read-only"
+        secret["secret"]["defaultMode"], 0o440,
+        "the CA key: root and the pod's group may read it, nobody else"
     );
+    assert_eq!(pod["securityContext"]["fsGroup"], 65532);
+    assert_eq!(c["securityContext"]["runAsGroup"], 65532);
     let svc = find(&objects, "Service", "weft-ca");
     assert_eq!(svc["spec"]["ports"][0]["port"], 8443);
 
@@ -365,7 +367,7 @@ fn demo_overlay_renders_and_validates() {
             if c["image"].as_str().is_some_and(|i| i.starts_with("weft")) {
                 assert_eq!(c["image"], "weft:latest", "{name}/{cname}");
             }
-            if cname != "weft-iptables" && name != "weft-ca" {
+            if cname != "weft-iptables" {
                 let sc = &c["securityContext"];
                 assert_eq!(sc["runAsNonRoot"], true, "{name}/{cname}");
                 assert_eq!(sc["readOnlyRootFilesystem"], true, "{name}/{cname}");
@@ -664,20 +666,51 @@ fn create_ca_script_makes_objects_that_validate_and_a_ca_that_serves_from_them()
         }
     }
 
-    // What the Secret volume gives weft-ca: those files, mode 0400, in a
-    // read-only directory. It must start with --kubernetes on them.
+    // What the Secret volume gives the non-root weft-ca container: those
+    // files owned by root, group fsGroup (65532), mode 0440, in a read-only
+    // directory. As UID/GID 65532 it must start with --kubernetes on them.
     use std::os::unix::fs::PermissionsExt;
+    const CA_UID: u32 = 65532;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
     let mount = dir.path().join("mount");
     std::fs::create_dir(&mount).expect("mkdir");
     for name in &keys_in_secret {
         let to = mount.join(name);
         std::fs::copy(keys.join("ca").join(name), &to).expect("copy");
-        std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o400)).expect("chmod");
+        std::os::unix::fs::chown(&to, Some(0), Some(CA_UID)).expect("chown");
+        std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o440)).expect("chmod");
     }
     std::fs::set_permissions(&mount, std::fs::Permissions::from_mode(0o555)).expect("chmod");
+    let api_ca = dir.path().join("api-ca.pem");
+    std::fs::copy(keys.join("root/ca.pem"), &api_ca).expect("copy");
+    std::fs::set_permissions(&api_ca, std::fs::Permissions::from_mode(0o444)).expect("chmod");
     let sa_token = dir.path().join("token");
     std::fs::write(&sa_token, "not-used-until-a-request").expect("token");
-    let mut ca = Command::new(bin("weft-ca"))
+    std::fs::set_permissions(&sa_token, std::fs::Permissions::from_mode(0o444)).expect("chmod");
+    // A key its group may write is refused before serving.
+    let key = mount.join("ca-key.pem");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o460)).expect("chmod");
+    let refused = Command::new("setpriv")
+        .args(["--reuid=65532", "--regid=65532", "--clear-groups", "--"])
+        .arg(bin("weft-ca"))
+        .args(["serve", "--dir"])
+        .arg(&mount)
+        .args(["--listen", "127.0.0.1:0"])
+        .output()
+        .expect("setpriv weft-ca");
+    assert!(
+        !refused.status.success(),
+        "weft-ca started with a group-writable key"
+    );
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("may be read by group or others"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o440)).expect("chmod");
+    let mut ca = Command::new("setpriv")
+        .args(["--reuid=65532", "--regid=65532", "--clear-groups", "--"])
+        .arg(bin("weft-ca"))
         .args(["serve", "--dir"])
         .arg(&mount)
         .args([
@@ -687,7 +720,7 @@ fn create_ca_script_makes_objects_that_validate_and_a_ca_that_serves_from_them()
             "--k8s-audience=weft-ca",
         ])
         .arg("--k8s-ca-file")
-        .arg(keys.join("root/ca.pem"))
+        .arg(&api_ca)
         .arg("--k8s-token-file")
         .arg(&sa_token)
         .args(["--san=weft-ca.weft-system.svc"])
