@@ -103,9 +103,9 @@ fn bars(path: &Path, title: &str, unit: &str, data: &[(String, f64)]) -> DrawRes
             _ => String::new(),
         })
         .draw()?;
-    chart.draw_series(data.iter().enumerate().map(|(i, (_, v))| {
+    chart.draw_series(data.iter().enumerate().map(|(i, (name, v))| {
         let i = i as u32;
-        let color = Palette99::pick(i as usize);
+        let color = color_of(name);
         let mut bar = Rectangle::new(
             [
                 (SegmentValue::Exact(i), 0.0),
@@ -126,6 +126,15 @@ fn bars(path: &Path, title: &str, unit: &str, data: &[(String, f64)]) -> DrawRes
     }))?;
     root.present()?;
     Ok(())
+}
+
+/// One color per scenario, the same in every chart.
+fn color_of(name: &str) -> PaletteColor<Palette99> {
+    let known = ["direct"]
+        .into_iter()
+        .chain(crate::compare::PROXY_SCENARIOS)
+        .position(|n| n == name);
+    Palette99::pick(known.unwrap_or(name.len()))
 }
 
 fn short(v: f64) -> String {
@@ -174,8 +183,9 @@ fn percentiles(path: &Path, title: &str, series: &[(String, [(&str, f64); 5])]) 
             _ => String::new(),
         })
         .draw()?;
-    for (k, (name, points)) in series.iter().enumerate() {
-        let color = Palette99::pick(k);
+    for (name, points) in series {
+        let color = color_of(name);
+        let legend_name = name.clone();
         let pts: Vec<(SegmentValue<u32>, f64)> = points
             .iter()
             .enumerate()
@@ -187,7 +197,7 @@ fn percentiles(path: &Path, title: &str, series: &[(String, [(&str, f64); 5])]) 
             .legend(move |(x, y)| {
                 PathElement::new(
                     vec![(x, y), (x + 20, y)],
-                    Palette99::pick(k).stroke_width(2),
+                    color_of(&legend_name).stroke_width(2),
                 )
             });
         chart.draw_series(pts.into_iter().map(|p| Circle::new(p, 3, color.filled())))?;

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::load::{run_http, run_tcp, HttpMode, HttpOpts, HttpReport, TcpOpts, TcpReport};
 use crate::procs::which;
@@ -24,7 +24,7 @@ pub const PROXY_SCENARIOS: [&str; 5] = [
 ];
 
 /// Settings of one comparison.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Settings {
     pub rounds: usize,
     pub duration_s: f64,
@@ -43,7 +43,7 @@ pub struct Settings {
 }
 
 /// One test of a round.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum Test {
     /// Closed loop: as many requests as answers allow.
@@ -54,10 +54,10 @@ pub enum Test {
     Bulk,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Run {
     pub round: usize,
-    pub scenario: &'static str,
+    pub scenario: String,
     pub test: Test,
     pub http: Option<HttpReport>,
     pub bulk: Option<TcpReport>,
@@ -65,9 +65,9 @@ pub struct Run {
     pub proxy_cpu_s: Vec<f64>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Proxy {
-    pub role: &'static str,
+    pub role: String,
     pub pid: u32,
     /// Resident memory after start-up and one warm-up exchange, MiB.
     pub idle_rss_mib: f64,
@@ -78,7 +78,7 @@ pub struct Proxy {
     pub peak_rss_mib: f64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RateSummary {
     pub rate: f64,
     pub achieved_rps: f64,
@@ -91,10 +91,10 @@ pub struct RateSummary {
     pub errors: u64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Summary {
-    pub name: &'static str,
-    pub description: &'static str,
+    pub name: String,
+    pub description: String,
     pub skipped: Option<String>,
     pub proxies: Vec<Proxy>,
     pub closed_rps: Option<f64>,
@@ -109,7 +109,7 @@ pub struct Summary {
     pub first_error: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Target {
     pub what: String,
     pub goal: String,
@@ -117,7 +117,7 @@ pub struct Target {
     pub met: Option<bool>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Machine {
     pub cpu: String,
     pub cpus: usize,
@@ -127,7 +127,7 @@ pub struct Machine {
     pub date_unix: u64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Report {
     pub machine: Machine,
     pub settings: Settings,
@@ -261,7 +261,7 @@ pub fn run(settings: Settings, quiet: bool) -> anyhow::Result<Report> {
                     .collect();
                 runs.push(Run {
                     round,
-                    scenario: sc.name,
+                    scenario: sc.name.to_string(),
                     test: *test,
                     http,
                     bulk,
@@ -484,15 +484,15 @@ fn summarize(sc: &Scenario, idle: Vec<(f64, f64)>, runs: &[Run], settings: &Sett
         .collect();
     let bulk = runs_of(runs, sc.name, &Test::Bulk);
     Summary {
-        name: sc.name,
-        description: sc.description,
+        name: sc.name.to_string(),
+        description: sc.description.to_string(),
         skipped: sc.skipped.clone(),
         proxies: sc
             .procs
             .iter()
             .zip(idle)
             .map(|((role, p), (idle, anon))| Proxy {
-                role,
+                role: role.to_string(),
                 pid: p.pid(),
                 idle_rss_mib: idle,
                 idle_rss_anon_mib: anon,

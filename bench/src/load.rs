@@ -24,7 +24,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use indicatif::ProgressBar;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -83,7 +83,7 @@ impl HttpTarget {
 }
 
 /// How requests travel.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum HttpMode {
     /// HTTP/1.1 keep-alive: one request in flight per connection.
@@ -109,7 +109,7 @@ pub struct HttpOpts {
     pub req_body: usize,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct HttpReport {
     pub mode: HttpMode,
     pub connections: usize,
@@ -460,7 +460,7 @@ pub struct TcpOpts {
     pub prefix: Option<&'static [u8]>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TcpReport {
     pub streams: usize,
     pub duration_s: f64,

@@ -44,6 +44,14 @@ enum Cmd {
     Backend(BackendArgs),
     /// Set up direct, Weft and HAProxy scenarios on loopback and compare them in alternating rounds.
     Compare(CompareArgs),
+    /// Redraw the markdown and SVG charts of a `compare` run from its results.json.
+    Charts {
+        /// results.json written by `compare`.
+        results: PathBuf,
+        /// Where to write [default: beside results.json].
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -237,6 +245,23 @@ fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Compare(a) => compare(a),
+        Cmd::Charts { results, out } => {
+            let text = std::fs::read_to_string(&results)
+                .with_context(|| format!("reading {}", results.display()))?;
+            let report: compare::Report = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not a compare report", results.display()))?;
+            let out = out.unwrap_or_else(|| {
+                results
+                    .parent()
+                    .map(PathBuf::from)
+                    .unwrap_or_else(|| PathBuf::from("."))
+            });
+            let markdown = report::compare_markdown(&report);
+            for f in compare::write_outputs(&report, &markdown, &out)? {
+                println!("wrote {}", f.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
