@@ -118,4 +118,18 @@ fn compare_quick_produces_every_scenario_and_file() {
         let text = std::fs::read_to_string(out.path().join(svg)).expect(svg);
         assert!(text.starts_with("<svg") && text.contains("</svg>"), "{svg}");
     }
+
+    // The charts can be redrawn from the JSON alone.
+    let again = out.path().join("again");
+    let status = Command::new(env!("CARGO_BIN_EXE_weft-bench"))
+        .arg("charts")
+        .arg(out.path().join("results.json"))
+        .arg("--out")
+        .arg(&again)
+        .status()
+        .expect("running weft-bench charts");
+    assert!(status.success());
+    let redrawn = std::fs::read_to_string(again.join("results.md")).expect("redrawn results.md");
+    assert_eq!(redrawn, md);
+    assert!(again.join("throughput.svg").is_file());
 }
