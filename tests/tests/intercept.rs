@@ -213,6 +213,14 @@ async fn plain_server(addr: &str) {
     }
 }
 
+/// Connect to `addr` and read until the server closes; `None` on any error.
+async fn read_all(addr: SocketAddr) -> Option<Vec<u8>> {
+    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.ok()?;
+    Some(buf)
+}
+
 /// GET `url` the way an app that knows nothing of the mesh would.
 async fn get(addr: SocketAddr) -> Result<(u16, String), String> {
     let stream = tokio::net::TcpStream::connect(addr)
@@ -422,24 +430,14 @@ async fn scenario() {
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
     // …while an excluded port still answers.
     let excluded: SocketAddr = "10.201.2.2:9000".parse().expect("addr");
-    let plain = c.run(move || async move {
-        let mut s = tokio::net::TcpStream::connect(excluded).await.ok()?;
-        let mut buf = Vec::new();
-        s.read_to_end(&mut buf).await.ok()?;
-        Some(buf)
-    });
+    let plain = c.run(move || read_all(excluded));
     assert_eq!(plain.as_deref(), Some(&b"plain"[..]));
 
     // A destination outside the mesh passes through the client sidecar
     // (outbound policy allow), which dials it itself without being captured
     // again (its UID is excluded).
     let outside: SocketAddr = "10.201.1.2:9000".parse().expect("addr");
-    let passed = a.run(move || async move {
-        let mut s = tokio::net::TcpStream::connect(outside).await.ok()?;
-        let mut buf = Vec::new();
-        s.read_to_end(&mut buf).await.ok()?;
-        Some(buf)
-    });
+    let passed = a.run(move || read_all(outside));
     assert_eq!(passed.as_deref(), Some(&b"plain"[..]));
     let metrics = a.run(|| async {
         let addr: SocketAddr = "127.0.0.1:15000".parse().expect("addr");
