@@ -11,9 +11,11 @@
 //! [`choose`] skips ejected endpoints unless every endpoint is ejected
 //! (Envoy's *panic mode*: sending somewhere beats failing every request), and
 //! prefers endpoints a retry has not tried yet. Endpoints whose sidecar is
-//! draining ([`EndpointState::set_draining`]) are skipped like ejected
-//! ones, and last of all in panic mode: they are going away, not failing,
-//! so outlier detection never counts it against them. Among what is left:
+//! draining ([`EndpointState::set_draining`]) or unreachable
+//! ([`EndpointState::set_unreachable`]: its connection timed out, or a
+//! handshake got no answer) are skipped like ejected ones, and last of all
+//! in panic mode; outlier detection never counts draining against them.
+//! Both last until a new handshake succeeds. Among what is left:
 //! - `p2c-ewma` (default): power of two choices on a peak-EWMA latency
 //!   estimate times outstanding requests, as Finagle, Linkerd and tower do;
 //! - `least-request`: power of two choices on outstanding requests;
@@ -173,6 +175,8 @@ pub struct EndpointState {
     in_flight: AtomicUsize,
     /// Its sidecar is draining: avoid it until a new handshake succeeds.
     draining: AtomicBool,
+    /// Its sidecar stopped answering: avoid it until a new handshake succeeds.
+    unreachable: AtomicBool,
     inner: Mutex<Inner>,
 }
 
@@ -303,6 +307,7 @@ impl EndpointState {
             addr,
             in_flight: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
+            unreachable: AtomicBool::new(false),
             inner: Mutex::new(Inner {
                 rtt_ns: DEFAULT_RTT.as_nanos() as f64,
                 rtt_at: now,
@@ -348,6 +353,32 @@ impl EndpointState {
         self.draining.load(Ordering::Acquire)
     }
 
+    /// Mark (or clear) the endpoint's sidecar as not answering (dead,
+    /// partitioned); says whether that changed anything.
+    pub fn set_unreachable(&self, unreachable: bool) -> bool {
+        self.unreachable.swap(unreachable, Ordering::AcqRel) != unreachable
+    }
+
+    pub fn is_unreachable(&self) -> bool {
+        self.unreachable.load(Ordering::Acquire)
+    }
+
+    /// Neither draining nor unreachable.
+    pub fn is_available(&self) -> bool {
+        !self.is_draining() && !self.is_unreachable()
+    }
+
+    /// Forget the latency estimate (back to [`DEFAULT_RTT`], as for a new
+    /// endpoint): the endpoint is back after being unreachable or draining,
+    /// usually a new process, and the samples of the requests that hung on
+    /// the dead one (up to the idle timeout each) would otherwise keep it
+    /// out of P2C's choices for a minute or more.
+    pub fn reset_latency(&self, now: Instant) {
+        let mut inner = self.lock();
+        inner.rtt_ns = DEFAULT_RTT.as_nanos() as f64;
+        inner.rtt_at = now;
+    }
+
     /// Feeds one latency sample to the peak-EWMA estimate: a sample above the
     /// estimate replaces it at once (react to trouble fast); a lower one is
     /// blended in with the old estimate weighted by exp(-elapsed / DECAY)
@@ -389,6 +420,7 @@ impl EndpointState {
             addr: self.addr.to_string(),
             in_flight: self.in_flight(),
             draining: self.is_draining(),
+            unreachable: self.is_unreachable(),
             ewma_ms: inner.rtt_ns / 1e6,
             ejected: ejected_for.is_some(),
             ejected_for_ms: ejected_for.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
@@ -427,6 +459,8 @@ pub struct EndpointSnapshot {
     pub in_flight: usize,
     /// Its sidecar is draining (avoided until it accepts a new connection).
     pub draining: bool,
+    /// Its sidecar stopped answering (avoided until a handshake succeeds).
+    pub unreachable: bool,
     /// The latency estimate as of its last sample (not decayed).
     pub ewma_ms: f64,
     pub ejected: bool,
@@ -499,8 +533,8 @@ impl Outlier {
 
 /// Chooses an endpoint among `all`, or `None` if it is empty.
 ///
-/// Ejected and draining endpoints are skipped unless all are (panic mode,
-/// which still prefers ejected to draining ones); endpoints whose address
+/// Ejected, draining and unreachable endpoints are skipped unless all are
+/// (panic mode, which still prefers ejected to draining or unreachable ones); endpoints whose address
 /// is in `tried` are skipped unless nothing else is left, so retries go
 /// elsewhere when they can.
 pub fn choose(
@@ -511,7 +545,7 @@ pub fn choose(
     rng: &mut impl rand::Rng,
     now: Instant,
 ) -> Option<Arc<EndpointState>> {
-    let up: Vec<&Arc<EndpointState>> = all.iter().filter(|e| !e.is_draining()).collect();
+    let up: Vec<&Arc<EndpointState>> = all.iter().filter(|e| e.is_available()).collect();
     let healthy: Vec<&Arc<EndpointState>> =
         up.iter().copied().filter(|e| !e.is_ejected(now)).collect();
     let pool = match (healthy.is_empty(), up.is_empty()) {
@@ -771,6 +805,31 @@ mod tests {
         assert!(all[0].snapshot(now).draining);
         assert!(all[0].set_draining(false));
         assert!(!all[0].snapshot(now).draining);
+    }
+
+    #[test]
+    fn unreachable_endpoints_are_avoided_until_cleared() {
+        let now = Instant::now();
+        let all = endpoints(2, now);
+        let rr = AtomicUsize::new(0);
+        let mut rng = StdRng::seed_from_u64(5);
+        assert!(all[0].set_unreachable(true));
+        for _ in 0..50 {
+            let e = choose(LbPolicy::P2cEwma, &all, &[], &rr, &mut rng, now).expect("one");
+            assert_eq!(e.addr(), all[1].addr());
+        }
+        assert!(all[0].snapshot(now).unreachable);
+        // Nothing else left: still somewhere to send to.
+        all[1].set_unreachable(true);
+        assert!(choose(LbPolicy::P2cEwma, &all, &[], &rr, &mut rng, now).is_some());
+        assert!(all[0].set_unreachable(false));
+        assert!(all[0].is_available());
+        all[0].observe_latency(Duration::from_secs(15), now);
+        all[0].reset_latency(now);
+        assert_eq!(
+            all[0].snapshot(now).ewma_ms,
+            DEFAULT_RTT.as_secs_f64() * 1e3
+        );
     }
 
     #[test]

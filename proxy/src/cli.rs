@@ -186,6 +186,14 @@ pub struct SidecarArgs {
     /// Concurrent inbound QUIC connections.
     #[arg(long, env = "WEFT_MAX_CONNECTIONS", default_value_t = Limits::default().max_connections)]
     pub max_connections: usize,
+    /// PING a QUIC connection to a peer after this long without traffic (keeps idle
+    /// connections and NAT mappings alive; below --quic-idle-timeout).
+    #[arg(long, env = "WEFT_QUIC_KEEP_ALIVE", value_name = "DURATION", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub quic_keep_alive: Duration,
+    /// A peer silent this long is dead: its connection closes, its requests fail
+    /// (or are retried) and new ones go to other endpoints until it answers a handshake.
+    #[arg(long, env = "WEFT_QUIC_IDLE_TIMEOUT", value_name = "DURATION", default_value = "15s", value_parser = humantime::parse_duration)]
+    pub quic_idle_timeout: Duration,
     /// Runtime worker threads (the sidecar's share of CPU cores) [default: one per CPU].
     #[arg(long, env = "WEFT_WORKERS", value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub workers: Option<u16>,
@@ -329,6 +337,14 @@ impl SidecarArgs {
                         .into(),
                 ),
             };
+        let limits = Limits {
+            max_header_bytes: self.max_header_bytes,
+            max_streams_per_connection: self.max_streams_per_connection,
+            max_connections: self.max_connections,
+            quic_keep_alive: self.quic_keep_alive,
+            quic_idle_timeout: self.quic_idle_timeout,
+        };
+        limits.validate()?;
         Ok(SidecarConfig {
             mesh,
             identity,
@@ -336,11 +352,7 @@ impl SidecarArgs {
             admin: self.admin,
             app: self.app,
             upstreams: self.upstreams,
-            limits: Limits {
-                max_header_bytes: self.max_header_bytes,
-                max_streams_per_connection: self.max_streams_per_connection,
-                max_connections: self.max_connections,
-            },
+            limits,
             tracing: self.tracing.into_config()?,
             capture: crate::intercept::CaptureConfig {
                 listen: self.capture.capture_outbound,

@@ -66,6 +66,37 @@ pub struct Limits {
     pub max_streams_per_connection: u32,
     /// Concurrent inbound QUIC connections.
     pub max_connections: usize,
+    /// PING a QUIC connection that has been quiet this long (see
+    /// [`weft_transport::endpoint::KEEP_ALIVE`]); below `quic_idle_timeout`.
+    #[serde(serialize_with = "as_humantime")]
+    pub quic_keep_alive: std::time::Duration,
+    /// A peer silent this long is dead: its connection closes and the load
+    /// balancer avoids it until a handshake succeeds (see
+    /// [`weft_transport::endpoint::IDLE_TIMEOUT`] and docs/quic.md).
+    #[serde(serialize_with = "as_humantime")]
+    pub quic_idle_timeout: std::time::Duration,
+}
+
+fn as_humantime<S: serde::Serializer>(d: &std::time::Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&humantime::format_duration(*d).to_string())
+}
+
+impl Limits {
+    /// Refuses settings that cannot work, saying what to change.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.quic_idle_timeout.is_zero() {
+            return Err("--quic-idle-timeout must be above zero (e.g. 15s)".into());
+        }
+        if self.quic_keep_alive.is_zero() || self.quic_keep_alive >= self.quic_idle_timeout {
+            return Err(format!(
+                "--quic-keep-alive ({}) must be above zero and below --quic-idle-timeout ({}), \
+                 or idle connections to healthy peers time out; a third of it is a good value",
+                humantime::format_duration(self.quic_keep_alive),
+                humantime::format_duration(self.quic_idle_timeout)
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Default for Limits {
@@ -77,6 +108,8 @@ impl Default for Limits {
             max_streams_per_connection: 1024,
             // One connection per peer sidecar: 10k peers is a large mesh.
             max_connections: 10_000,
+            quic_keep_alive: weft_transport::endpoint::KEEP_ALIVE,
+            quic_idle_timeout: weft_transport::endpoint::IDLE_TIMEOUT,
         }
     }
 }
@@ -234,6 +267,8 @@ impl Sidecar {
         tracing::info!(identity = %tls.identity(), "certificate loaded");
         let mut opts = EndpointOptions::new(cfg.inbound);
         opts.max_streams_per_connection = cfg.limits.max_streams_per_connection;
+        opts.keep_alive = cfg.limits.quic_keep_alive;
+        opts.idle_timeout = cfg.limits.quic_idle_timeout;
         let endpoint = MeshEndpoint::bind(tls.clone(), &opts)?;
         let inbound_addr = endpoint
             .local_addr()
@@ -444,9 +479,30 @@ impl Sidecar {
         self.ctx.tls.identity()
     }
 
+    /// Where the peers of this sidecar's inbound QUIC connections are, as
+    /// quinn sees them now (a migrated peer shows its new address).
+    pub fn inbound_peer_addrs(&self) -> Vec<SocketAddr> {
+        self.ctx
+            .metrics
+            .quic_peers
+            .remote_addresses(crate::metrics::INBOUND)
+    }
+
     /// Handshakes the HTTP/3 and L4 pools have started (dedup visible here).
     pub fn pool_handshakes(&self) -> (u64, u64) {
         (self.ctx.h3_pool.handshakes(), self.ctx.l4_pool.handshakes())
+    }
+
+    /// Move the QUIC endpoint to a new local UDP socket bound to `addr`
+    /// (e.g. another port): connections and in-flight streams go on, and
+    /// peers migrate them to the new address (docs/quic.md). Returns the new
+    /// inbound address, also in [`Sidecar::inbound_addr`]. Peers dialing
+    /// this sidecar anew must be told the new address (mesh file).
+    pub fn rebind(&mut self, addr: SocketAddr) -> std::io::Result<SocketAddr> {
+        let bound = self.endpoint.rebind(addr)?;
+        tracing::info!(from = %self.inbound_addr, to = %bound, "QUIC endpoint rebound");
+        self.inbound_addr = bound;
+        Ok(bound)
     }
 
     /// Drain gracefully: `/ready` turns 503, listeners and the inbound

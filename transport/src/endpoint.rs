@@ -39,12 +39,23 @@ pub const CONNECTION_RECEIVE_WINDOW: u32 = 32 << 20;
 /// Send window: matches the connection receive window so one sender can fill it.
 pub const SEND_WINDOW: u64 = 32 << 20;
 
-/// Keep-alive well inside the idle timeout (and inside typical NAT/conntrack
-/// UDP timeouts of 30 s) so idle pooled connections survive.
-pub const KEEP_ALIVE: Duration = Duration::from_secs(10);
+/// Keep-alive: a PING on a connection that has been quiet this long. A third
+/// of the idle timeout, so two lost PINGs in a row do not kill a healthy
+/// connection, and well inside NAT/conntrack UDP timeouts (Linux: 30 s) so
+/// idle pooled connections survive. Costs one small packet per idle
+/// connection per interval. (Linkerd pings idle HTTP/2 connections every
+/// 10 s and gives up 3 s later; QUIC needs the interval to fit in the idle
+/// timeout several times instead of a separate ping timeout.)
+pub const KEEP_ALIVE: Duration = Duration::from_secs(5);
 
-/// A peer silent for this long is gone; its pooled connection is replaced.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// A peer silent for this long is gone: the connection closes (its streams
+/// fail), the pool replaces it and the load balancer avoids the peer until a
+/// handshake succeeds. This bounds how long a dead or unreachable peer (killed
+/// process, lost node, partition) can hold requests: 15 s is close to
+/// Linkerd's 13 s (10 s ping interval + 3 s timeout), and quinn's default of
+/// 30 s held in-flight requests twice as long. The two ends' values are
+/// negotiated: the smaller wins.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// How long a dial (QUIC + TLS handshake) may take before it fails.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -119,6 +130,19 @@ impl ConnectError {
             } if c.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED
         )
     }
+
+    /// Nobody answered the handshake in time (or the address answered with
+    /// a stateless reset): the peer is dead or unreachable, not refusing.
+    pub fn is_unanswered(&self) -> bool {
+        matches!(
+            self,
+            ConnectError::Timeout { .. }
+                | ConnectError::Handshake {
+                    source: quinn::ConnectionError::TimedOut | quinn::ConnectionError::Reset,
+                    ..
+                }
+        )
+    }
 }
 
 /// Errors creating the endpoint.
@@ -143,6 +167,7 @@ pub struct MeshEndpoint {
     client_h3: quinn::ClientConfig,
     client_l4: quinn::ClientConfig,
     connect_timeout: Duration,
+    udp_buffer_bytes: usize,
 }
 
 impl MeshEndpoint {
@@ -184,7 +209,19 @@ impl MeshEndpoint {
             client_h3,
             client_l4,
             connect_timeout: opts.connect_timeout,
+            udp_buffer_bytes: opts.udp_buffer_bytes,
         })
+    }
+
+    /// Move to a new UDP socket bound to `addr` (another port or address):
+    /// connections and their streams go on, as after a NAT rebinding. Peers
+    /// see packets from the new address and validate the new path (QUIC
+    /// connection migration; quinn's servers allow it by default). Returns
+    /// the new local address. Handshakes to this endpoint must use it too.
+    pub fn rebind(&self, addr: SocketAddr) -> std::io::Result<SocketAddr> {
+        let socket = udp_socket(addr, self.udp_buffer_bytes)?;
+        self.endpoint.rebind(socket)?;
+        self.endpoint.local_addr()
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {

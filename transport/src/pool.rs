@@ -93,6 +93,22 @@ pub fn drained(conn: &quinn::Connection) -> Option<Drained> {
     }
 }
 
+/// Whether `conn` ended because its peer is gone rather than by anyone's
+/// choice: the idle timeout passed with nothing heard (process killed, host
+/// down, packets blackholed — keep-alives make this the detection time), a
+/// stateless reset (the peer restarted and lost the connection), or the
+/// peer's endpoint closing everything at once (code 0: a sidecar stopped
+/// without draining). A drain ([`drained`]) and our own closes are not.
+pub fn lost(conn: &quinn::Connection) -> bool {
+    match conn.close_reason() {
+        Some(quinn::ConnectionError::TimedOut | quinn::ConnectionError::Reset) => true,
+        Some(quinn::ConnectionError::ApplicationClosed(c)) => {
+            c.error_code == quinn::VarInt::from_u32(0)
+        }
+        _ => false,
+    }
+}
+
 /// How long before a certificate's expiry a connection made with it stops
 /// taking new streams: a tenth of the validity left when the connection was
 /// made, at least 1 s (time for requests already on it to finish, even on a

@@ -108,6 +108,18 @@ impl Drop for OpenStream {
 }
 
 impl QuicPeers {
+    /// The remote address of every live connection in `direction`, as quinn
+    /// sees it now: after a peer migrates (rebinds, NAT rebinding) this is
+    /// its new address.
+    pub fn remote_addresses(&self, direction: &str) -> Vec<std::net::SocketAddr> {
+        self.lock()
+            .live
+            .values()
+            .filter(|l| l.labels.direction == direction && l.conn.close_reason().is_none())
+            .map(|l| l.conn.remote_address())
+            .collect()
+    }
+
     /// Follow `conn` (to or from `peer`) until it closes; then its final
     /// counters join the peer's closed totals.
     pub fn track(

@@ -6,6 +6,14 @@
 //! unavailable; not an outlier failure, so no ejection) until a background
 //! prober completes a new handshake with whatever listens there now (a
 //! restarted sidecar on the same address).
+//!
+//! A peer that stops answering is handled the same way, as *unreachable*
+//! (failure detection, docs/quic.md): its pooled connection ended by idle
+//! timeout (keep-alives went unanswered for `--quic-idle-timeout`), by a
+//! stateless reset or by its endpoint closing everything (a sidecar killed
+//! or stopped without a drain), or a handshake with it got no answer within
+//! the connect timeout. Unlike draining, the requests it failed count as
+//! failures (outlier detection, retry policy).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -31,8 +39,15 @@ pub(crate) enum Alpn {
     L4,
 }
 
-/// "The peer at this address is draining", from a pooled connection.
-pub(crate) type PeerEvent = (SocketAddr, Alpn);
+/// Why a peer is avoided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Why {
+    Draining,
+    Unreachable,
+}
+
+/// "The peer at this address is draining (or gone)", from a pooled connection.
+pub(crate) type PeerEvent = (SocketAddr, Alpn, Why);
 
 /// Draining peers being probed, with a generation per address so a drain
 /// seen while a probe succeeds is not forgotten.
@@ -47,8 +62,19 @@ impl Peers {
     }
 }
 
+/// What a closed pooled connection says about its peer, if anything.
+fn why_closed(conn: &quinn::Connection) -> Option<Why> {
+    if weft_transport::pool::drained(conn).is_some() {
+        Some(Why::Draining)
+    } else if weft_transport::pool::lost(conn) {
+        Some(Why::Unreachable)
+    } else {
+        None
+    }
+}
+
 /// Drive an HTTP/3 client connection; report the peer if it closes the
-/// connection because it drains. (A GOAWAY is seen by the next request
+/// connection because it drains, or the connection is lost. (A GOAWAY is seen by the next request
 /// on the connection: h3 0.0.8 shows it to the driver only behind its
 /// unstable-API feature.)
 pub(crate) async fn drive_h3(
@@ -57,25 +83,28 @@ pub(crate) async fn drive_h3(
     events: UnboundedSender<PeerEvent>,
 ) {
     let _ = futures::future::poll_fn(|cx| driver.poll_close(cx)).await;
-    if weft_transport::pool::drained(&conn).is_some() {
-        let _ = events.send((conn.remote_address(), Alpn::H3));
+    // The h3 driver may finish before quinn records why the connection ended.
+    conn.closed().await;
+    if let Some(why) = why_closed(&conn) {
+        let _ = events.send((conn.remote_address(), Alpn::H3, why));
     }
 }
 
-/// Report the peer of a `weft-l4` connection if it closes it because it drains.
+/// Report the peer of a `weft-l4` connection if it closes it because it
+/// drains, or the connection is lost.
 pub(crate) fn watch_l4(conn: quinn::Connection, events: UnboundedSender<PeerEvent>) {
     tokio::spawn(async move {
         conn.closed().await;
-        if weft_transport::pool::drained(&conn).is_some() {
-            let _ = events.send((conn.remote_address(), Alpn::L4));
+        if let Some(why) = why_closed(&conn) {
+            let _ = events.send((conn.remote_address(), Alpn::L4, why));
         }
     });
 }
 
 /// Handle the reports of the pools' connections.
 pub(crate) async fn peer_events(ctx: Arc<Ctx>, mut events: UnboundedReceiver<PeerEvent>) {
-    while let Some((addr, alpn)) = events.recv().await {
-        peer_draining(&ctx, addr, alpn);
+    while let Some((addr, alpn, why)) = events.recv().await {
+        peer_unavailable(&ctx, addr, alpn, why);
     }
 }
 
@@ -92,10 +121,24 @@ fn endpoints_at(state: &State, addr: SocketAddr) -> Vec<Arc<EndpointState>> {
 
 /// The peer at `addr` drains: avoid it until a new handshake succeeds.
 pub(crate) fn peer_draining(ctx: &Arc<Ctx>, addr: SocketAddr, alpn: Alpn) {
+    peer_unavailable(ctx, addr, alpn, Why::Draining)
+}
+
+/// The peer at `addr` does not answer: avoid it until a new handshake succeeds.
+pub(crate) fn peer_unreachable(ctx: &Arc<Ctx>, addr: SocketAddr, alpn: Alpn) {
+    peer_unavailable(ctx, addr, alpn, Why::Unreachable)
+}
+
+/// Avoid the peer at `addr` (draining or unreachable) until a background
+/// prober completes a new handshake with it.
+pub(crate) fn peer_unavailable(ctx: &Arc<Ctx>, addr: SocketAddr, alpn: Alpn, why: Why) {
     let first = {
         let mut probing = ctx.peers.lock();
         for ep in endpoints_at(&ctx.state.load(), addr) {
-            ep.set_draining(true);
+            match why {
+                Why::Draining => ep.set_draining(true),
+                Why::Unreachable => ep.set_unreachable(true),
+            };
         }
         let first = !probing.contains_key(&addr);
         *probing.entry(addr).or_insert(0) += 1;
@@ -104,7 +147,14 @@ pub(crate) fn peer_draining(ctx: &Arc<Ctx>, addr: SocketAddr, alpn: Alpn) {
     if !first {
         return;
     }
-    tracing::info!(peer = %addr, "peer is draining: new requests go elsewhere until it accepts a new connection");
+    match why {
+        Why::Draining => {
+            tracing::info!(peer = %addr, "peer is draining: new requests go elsewhere until it accepts a new connection")
+        }
+        Why::Unreachable => {
+            tracing::warn!(peer = %addr, "peer does not answer: new requests go elsewhere until it accepts a new connection")
+        }
+    }
     let ctx2 = ctx.clone();
     ctx.spawn(async move {
         let mut pause = PROBE_FIRST;
@@ -128,8 +178,13 @@ pub(crate) fn peer_draining(ctx: &Arc<Ctx>, addr: SocketAddr, alpn: Alpn) {
                 continue;
             }
             probing.remove(&addr);
+            let now = tokio::time::Instant::now();
             for ep in endpoints_at(&ctx2.state.load(), addr) {
                 ep.set_draining(false);
+                ep.set_unreachable(false);
+                if back {
+                    ep.reset_latency(now);
+                }
             }
             if back {
                 tracing::info!(peer = %addr, "peer accepts connections again");

@@ -597,6 +597,9 @@ pub(super) async fn send(
                     super::drain::peer_draining(ctx, addr, Alpn::H3);
                     Failure::Draining
                 } else {
+                    if e.is_unanswered() {
+                        super::drain::peer_unreachable(ctx, addr, Alpn::H3);
+                    }
                     Failure::ConnectFailure
                 };
                 return Err(TryError::Failed(
@@ -605,13 +608,16 @@ pub(super) async fn send(
                 ));
             }
             Err(_) => {
+                // The handshake goes on in the pool; the prober's wait for
+                // it clears the mark if the peer was only slow.
+                super::drain::peer_unreachable(ctx, addr, Alpn::H3);
                 return Err(TryError::Failed(
                     Failure::ConnectFailure,
                     format!(
                         "weft: upstream connect timeout ({}) to {addr}",
                         humantime::format_duration(connect_timeout)
                     ),
-                ))
+                ));
             }
         };
     let path = parts

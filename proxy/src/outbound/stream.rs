@@ -271,14 +271,21 @@ async fn open(
     let connect_timeout = cluster.service.policy.connect_timeout;
     let (conn, peer) = match tokio::time::timeout(connect_timeout, ctx.l4_pool.get(addr))
         .await
-        .map_err(|_| format!("connect to {addr} timed out"))?
-    {
+        .map_err(|_| {
+            super::drain::peer_unreachable(ctx, addr, Alpn::L4);
+            format!("connect to {addr} timed out")
+        })? {
         Ok(x) => x,
         Err(e) if e.is_refused() => {
             super::drain::peer_draining(ctx, addr, Alpn::L4);
             return Err(OpenError::Draining(e.to_string()));
         }
-        Err(e) => return Err(OpenError::Failed(e.to_string())),
+        Err(e) => {
+            if e.is_unanswered() {
+                super::drain::peer_unreachable(ctx, addr, Alpn::L4);
+            }
+            return Err(OpenError::Failed(e.to_string()));
+        }
     };
     let peer = peer.to_string();
     // Whether an error on this stream means the peer drains (and then
