@@ -124,6 +124,32 @@ async fn sidecar_refuses_to_start_on_a_bad_mesh_file() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sidecar_refuses_a_keep_alive_not_below_the_idle_timeout() {
+    tokio::time::timeout(LIMIT, async {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("mesh.toml"), GOOD_MESH).expect("write");
+        let out = weft(dir.path())
+            .args(["sidecar", "--mesh", "mesh.toml", "--cert-dir", "X"])
+            .args(["--inbound", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+            .env("WEFT_QUIC_IDLE_TIMEOUT", "2s")
+            .args(["--quic-keep-alive", "2s"])
+            .output()
+            .await
+            .expect("run weft sidecar");
+        assert!(!out.status.success(), "keep-alive = idle timeout accepted");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains(
+                "--quic-keep-alive (2s) must be above zero and below --quic-idle-timeout (2s)"
+            ),
+            "{stderr}"
+        );
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_runs_and_all_traffic_succeeds() {
     tokio::time::timeout(LIMIT, async {
         let dir = tempfile::tempdir().expect("tempdir");
