@@ -48,6 +48,13 @@ pub const SEND_WINDOW: u64 = 32 << 20;
 /// timeout several times instead of a separate ping timeout.)
 pub const KEEP_ALIVE: Duration = Duration::from_secs(5);
 
+/// QUIC DATAGRAM buffers (UDP services, `docs/udp.md`), each direction. quinn
+/// advertises `max_datagram_frame_size` only when a receive buffer is set,
+/// so this is what enables DATAGRAM frames at all. 1 MiB holds ~800 full
+/// datagrams; when an app outpaces the path the oldest are dropped, as UDP
+/// would drop them.
+pub const DATAGRAM_BUFFER_BYTES: usize = 1 << 20;
+
 /// A peer silent for this long is gone: the connection closes (its streams
 /// fail), the pool replaces it and the load balancer avoids the peer until a
 /// handshake succeeds. This bounds how long a dead or unreachable peer (killed
@@ -280,6 +287,8 @@ fn transport_config(opts: &EndpointOptions) -> TransportConfig {
     // on loopback (0.90x at 10 ms RTT, where the window binds first). quinn
     // falls back by itself where the kernel lacks it.
     t.enable_segmentation_offload(opts.gso);
+    t.datagram_receive_buffer_size(Some(DATAGRAM_BUFFER_BYTES));
+    t.datagram_send_buffer_size(DATAGRAM_BUFFER_BYTES);
     t
 }
 

@@ -19,6 +19,23 @@ pub async fn read_request(recv: &mut quinn::RecvStream) -> Result<preamble::Requ
     read_decoded(recv, preamble::MAX_REQUEST_LEN, preamble::Request::decode).await
 }
 
+/// Read one request preamble of any kind (TCP stream or UDP flow).
+pub async fn read_request_kind(
+    recv: &mut quinn::RecvStream,
+) -> Result<(preamble::Kind, preamble::Request), ReadError> {
+    read_decoded(recv, preamble::MAX_REQUEST_LEN, |buf| {
+        preamble::Request::decode_kind(buf).map(|(kind, req, used)| ((kind, req), used))
+    })
+    .await
+}
+
+/// The RFC 9297 quarter stream ID of a UDP flow's stream: the stream ID
+/// divided by four. Flow streams are client-initiated bidirectional ones,
+/// whose IDs are multiples of four, so this is the stream's index.
+pub fn quarter_stream_id(id: quinn::StreamId) -> u64 {
+    id.index()
+}
+
 /// Read one response preamble.
 pub async fn read_response(recv: &mut quinn::RecvStream) -> Result<preamble::Response, ReadError> {
     read_decoded(recv, preamble::MAX_RESPONSE_LEN, preamble::Response::decode).await

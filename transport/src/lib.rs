@@ -1,6 +1,7 @@
 //! weft-transport: QUIC endpoints, SPIFFE mTLS, the connection pool and the
-//! L4 stream protocol. No policy lives here.
+//! L4 stream protocol and UDP flow datagrams. No policy lives here.
 
+pub mod datagram;
 pub mod endpoint;
 pub mod l4;
 pub mod pool;

@@ -1,15 +1,16 @@
 //! The L4 stream preamble: the first bytes on every `weft-l4` QUIC stream.
 //!
-//! A client sidecar opens a bidirectional stream per TCP connection, writes a
-//! [`Request`] naming the target, and waits for a [`Response`] before any
-//! application byte flows. Decoding is pure (no I/O) and total: any input
-//! yields `Ok`, `Incomplete` or a descriptive error, never a panic.
+//! A client sidecar opens a bidirectional stream per TCP connection (or per
+//! UDP flow, see `docs/udp.md`), writes a [`Request`] naming the target, and
+//! waits for a [`Response`] before any application byte (or datagram) flows.
+//! Decoding is pure (no I/O) and total: any input yields `Ok`, `Incomplete`
+//! or a descriptive error, never a panic.
 //!
 //! Request (integers big-endian):
 //! ```text
 //! 0      magic       "WL"            2 bytes, guards against stray protocols
 //! 2      version     u8 = 1
-//! 3      kind        u8              1 = TCP stream
+//! 3      kind        u8              1 = TCP stream, 2 = UDP flow (see [`Kind`])
 //! 4      target_len  u8              1..=253
 //! 5      target      target_len bytes, the service name (ASCII a-z 0-9 . - _)
 //! ..     port        u16             app port on the peer, 0 = its default app
@@ -30,6 +31,12 @@ use bytes::{BufMut, Bytes, BytesMut};
 pub const MAGIC: [u8; 2] = *b"WL";
 pub const VERSION: u8 = 1;
 pub const KIND_TCP: u8 = 1;
+/// A UDP flow: the stream carries no bytes after the preamble exchange; the
+/// flow's datagrams travel as QUIC DATAGRAM frames named by the stream's
+/// quarter stream ID ([`crate::datagram`]). Added after kind 1 with the same
+/// layout, so version 1 stays: a sidecar that predates it refuses the
+/// stream as malformed (`BadKind(2)`) instead of misreading it.
+pub const KIND_UDP: u8 = 2;
 /// Longest extension block we accept.
 pub const MAX_EXT_LEN: usize = 1024;
 /// Longest possible encoded request: bounds what a receiver buffers.
@@ -43,6 +50,26 @@ pub struct Request {
     pub target: String,
     pub port: u16,
     pub deadline_ms: u32,
+}
+
+/// What a stream carries after its preamble.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Kind {
+    /// Bytes of one TCP connection, both ways.
+    Tcp = KIND_TCP,
+    /// Nothing: it stands for one UDP flow, whose datagrams go beside it.
+    Udp = KIND_UDP,
+}
+
+impl Kind {
+    fn from_u8(v: u8) -> Option<Kind> {
+        match v {
+            KIND_TCP => Some(Kind::Tcp),
+            KIND_UDP => Some(Kind::Udp),
+            _ => None,
+        }
+    }
 }
 
 /// The server's answer, sent before any payload byte.
@@ -108,15 +135,20 @@ fn valid_target(t: &[u8]) -> bool {
 }
 
 impl Request {
-    /// Encode; fails only if the target name is invalid.
+    /// Encode a TCP stream request; fails only if the target name is invalid.
     pub fn encode(&self) -> Result<Bytes, DecodeError> {
+        self.encode_kind(Kind::Tcp)
+    }
+
+    /// Encode a request of any kind; fails only if the target name is invalid.
+    pub fn encode_kind(&self, kind: Kind) -> Result<Bytes, DecodeError> {
         if !valid_target(self.target.as_bytes()) {
             return Err(DecodeError::BadTarget);
         }
         let mut b = BytesMut::with_capacity(16 + self.target.len());
         b.put_slice(&MAGIC);
         b.put_u8(VERSION);
-        b.put_u8(KIND_TCP);
+        b.put_u8(kind as u8);
         b.put_u8(self.target.len() as u8);
         b.put_slice(self.target.as_bytes());
         b.put_u16(self.port);
@@ -125,8 +157,17 @@ impl Request {
         Ok(b.freeze())
     }
 
-    /// Decode from the start of `buf`; on success also returns how many bytes were used.
+    /// Decode a TCP stream request from the start of `buf`; on success also
+    /// returns how many bytes were used. Any other kind is `BadKind`.
     pub fn decode(buf: &[u8]) -> Result<(Request, usize), DecodeError> {
+        match Request::decode_kind(buf)? {
+            (Kind::Tcp, req, used) => Ok((req, used)),
+            (kind, _, _) => Err(DecodeError::BadKind(kind as u8)),
+        }
+    }
+
+    /// Decode a request of any known kind from the start of `buf`.
+    pub fn decode_kind(buf: &[u8]) -> Result<(Kind, Request, usize), DecodeError> {
         let mut r = Reader { buf, pos: 0 };
         let magic = r.take(2)?;
         if magic != MAGIC {
@@ -137,9 +178,7 @@ impl Request {
             return Err(DecodeError::BadVersion(version));
         }
         let kind = r.u8()?;
-        if kind != KIND_TCP {
-            return Err(DecodeError::BadKind(kind));
-        }
+        let kind = Kind::from_u8(kind).ok_or(DecodeError::BadKind(kind))?;
         let len = r.u8()? as usize;
         let target = r.take(len)?;
         if !valid_target(target) {
@@ -155,6 +194,7 @@ impl Request {
         // valid_target admitted ASCII only, so this conversion cannot lose data.
         let target = String::from_utf8_lossy(target).into_owned();
         Ok((
+            kind,
             Request {
                 target,
                 port,
@@ -305,6 +345,30 @@ mod tests {
     }
 
     #[test]
+    fn udp_kind_round_trips_and_tcp_decode_refuses_it() {
+        let tcp = req().encode().unwrap();
+        // The TCP encoding is what it always was: kind byte 1.
+        assert_eq!(tcp[3], KIND_TCP);
+        assert_eq!(
+            Request::decode_kind(&tcp),
+            Ok((Kind::Tcp, req(), tcp.len()))
+        );
+        let udp = req().encode_kind(Kind::Udp).unwrap();
+        assert_eq!(udp[3], KIND_UDP);
+        assert_eq!(&udp[..3], &tcp[..3]);
+        assert_eq!(&udp[4..], &tcp[4..]);
+        assert_eq!(
+            Request::decode_kind(&udp),
+            Ok((Kind::Udp, req(), udp.len()))
+        );
+        // A receiver that only knows TCP streams refuses a flow cleanly.
+        assert_eq!(Request::decode(&udp), Err(DecodeError::BadKind(KIND_UDP)));
+        let mut b = udp.to_vec();
+        b[3] = 3;
+        assert_eq!(Request::decode_kind(&b), Err(DecodeError::BadKind(3)));
+    }
+
+    #[test]
     fn extension_block_is_skipped() {
         let mut b = req().encode().unwrap().to_vec();
         let n = b.len();
@@ -351,6 +415,9 @@ mod tests {
                 b
             };
             if let Ok((_, used)) = Request::decode(&buf) {
+                assert!(used <= buf.len());
+            }
+            if let Ok((_, _, used)) = Request::decode_kind(&buf) {
                 assert!(used <= buf.len());
             }
             if let Ok((_, used)) = Response::decode(&buf) {
