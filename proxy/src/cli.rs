@@ -174,9 +174,10 @@ pub struct SidecarArgs {
     /// The local app that inbound traffic is forwarded to.
     #[arg(long, env = "WEFT_APP", value_name = "ADDR")]
     pub app: Option<SocketAddr>,
-    /// SERVICE=ADDR: a local TCP listener the app uses to reach SERVICE (repeatable).
-    #[arg(long = "upstream", env = "WEFT_UPSTREAM", value_name = "SERVICE=ADDR", value_delimiter = ',', value_parser = parse_upstream)]
-    pub upstreams: Vec<(String, SocketAddr)>,
+    /// SERVICE=ADDR: a local TCP listener the app uses to reach SERVICE;
+    /// SERVICE=ADDR/udp: a local UDP socket for a UDP service (repeatable).
+    #[arg(long = "upstream", env = "WEFT_UPSTREAM", value_name = "SERVICE=ADDR[/udp]", value_delimiter = ',', value_parser = parse_upstream)]
+    pub upstreams: Vec<Upstream>,
     /// Largest header section accepted from apps and peers, in bytes.
     #[arg(long, env = "WEFT_MAX_HEADER_BYTES", default_value_t = Limits::default().max_header_bytes)]
     pub max_header_bytes: usize,
@@ -285,14 +286,41 @@ impl TraceArgs {
     }
 }
 
-fn parse_upstream(s: &str) -> Result<(String, SocketAddr), String> {
-    let (svc, addr) = s
-        .split_once('=')
-        .ok_or_else(|| format!("expected SERVICE=ADDR, e.g. payment=127.0.0.1:9001, got {s:?}"))?;
+/// One `--upstream`: a local listener the app uses to reach a service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstream {
+    pub service: String,
+    pub addr: SocketAddr,
+    /// `ADDR/udp`: a UDP socket (for a `protocol = "udp"` service), not a TCP listener.
+    pub udp: bool,
+}
+
+/// `SERVICE=ADDR` (TCP) or `SERVICE=ADDR/udp`.
+pub fn parse_upstream(s: &str) -> Result<Upstream, String> {
+    let (svc, addr) = s.split_once('=').ok_or_else(|| {
+        format!(
+            "expected SERVICE=ADDR or SERVICE=ADDR/udp, e.g. payment=127.0.0.1:9001 or \
+             dns=127.0.0.1:5353/udp, got {s:?}"
+        )
+    })?;
+    let (addr, udp) = match addr.rsplit_once('/') {
+        Some((a, "udp")) => (a, true),
+        Some((a, "tcp")) => (a, false),
+        Some((_, other)) => {
+            return Err(format!(
+                "{s:?}: unknown listener kind /{other}; write ADDR for TCP or ADDR/udp for UDP"
+            ))
+        }
+        None => (addr, false),
+    };
     let addr = addr
         .parse()
         .map_err(|e| format!("{addr:?} is not an ip:port address: {e}"))?;
-    Ok((svc.to_string(), addr))
+    Ok(Upstream {
+        service: svc.to_string(),
+        addr,
+        udp,
+    })
 }
 
 impl SidecarArgs {
@@ -351,7 +379,18 @@ impl SidecarArgs {
             inbound: self.inbound,
             admin: self.admin,
             app: self.app,
-            upstreams: self.upstreams,
+            upstreams: self
+                .upstreams
+                .iter()
+                .filter(|u| !u.udp)
+                .map(|u| (u.service.clone(), u.addr))
+                .collect(),
+            udp_upstreams: self
+                .upstreams
+                .iter()
+                .filter(|u| u.udp)
+                .map(|u| (u.service.clone(), u.addr))
+                .collect(),
             limits,
             tracing: self.tracing.into_config()?,
             capture: crate::intercept::CaptureConfig {
@@ -392,4 +431,26 @@ pub async fn shutdown_signal() {
 /// The duration given to `weft demo --duration`.
 pub fn demo_duration(secs: Option<u64>) -> Option<Duration> {
     secs.map(Duration::from_secs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstream_forms() {
+        let tcp = parse_upstream("payment=127.0.0.1:9001").unwrap();
+        assert_eq!(
+            (tcp.service.as_str(), tcp.addr.port(), tcp.udp),
+            ("payment", 9001, false)
+        );
+        let udp = parse_upstream("dns=127.0.0.1:5353/udp").unwrap();
+        assert_eq!((udp.service.as_str(), udp.udp), ("dns", true));
+        assert!(!parse_upstream("echo=[::1]:7000/tcp").unwrap().udp);
+        assert!(parse_upstream("dns=[::1]:53/udp").unwrap().addr.is_ipv6());
+        let e = parse_upstream("dns=127.0.0.1:53/sctp").unwrap_err();
+        assert!(e.contains("ADDR/udp"), "{e}");
+        assert!(parse_upstream("dns127.0.0.1:53").is_err());
+        assert!(parse_upstream("dns=localhost:53/udp").is_err());
+    }
 }

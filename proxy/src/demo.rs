@@ -104,6 +104,7 @@ async fn run_in(dir: &std::path::Path, duration: Option<Duration>) -> anyhow::Re
                 admin: "127.0.0.1:0".parse()?,
                 app,
                 upstreams,
+                udp_upstreams: Vec::new(),
                 limits: Limits::default(),
                 tracing: Default::default(),
                 capture: Default::default(),

@@ -2,7 +2,8 @@
 //! the handshake by weft-transport). ALPN picks the path: `h3` requests are
 //! forwarded to the local app over pooled HTTP/1.1 connections, `weft-l4`
 //! streams are answered with a preamble response and then copied to a new
-//! TCP connection to the app.
+//! TCP connection to the app, or stand for a UDP flow ([`crate::udp`])
+//! whose datagrams arrive beside them.
 //!
 //! Phases per stream: accept → context (peer identity) → check → connect → copy.
 //!
@@ -405,6 +406,13 @@ async fn l4_connection(
     streams: StreamCount,
 ) {
     let peer = Arc::new(peer);
+    // UDP flows on this connection, and the reader of its datagrams.
+    let flows = Arc::new(crate::udp::FlowTable::default());
+    ctx.spawn(
+        flows
+            .clone()
+            .read(conn.clone(), ctx.metrics.clone(), INBOUND),
+    );
     let local = Gauge::standalone();
     let mut phase = ctx.phase.clone();
     let mut draining = false;
@@ -437,9 +445,10 @@ async fn l4_connection(
                 let peer = peer.clone();
                 let open = streams.open();
                 let busy = (local.enter(), ctx.activity.inbound_streams.enter());
+                let udp = (conn.clone(), flows.clone());
                 ctx.spawn(async move {
                     let _open = (open, busy);
-                    l4_stream(ctx2, &peer, send, recv).await
+                    l4_stream(ctx2, &peer, udp, send, recv).await
                 });
             }
             Err(e) => {
@@ -453,19 +462,24 @@ async fn l4_connection(
 async fn l4_stream(
     ctx: Arc<Ctx>,
     peer: &SpiffeId,
+    (conn, flows): (quinn::Connection, Arc<crate::udp::FlowTable>),
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) {
     let req = match tokio::time::timeout(
         PREAMBLE_TIMEOUT,
-        weft_transport::l4::read_request(&mut recv),
+        weft_transport::l4::read_request_kind(&mut recv),
     )
     .await
     {
-        Ok(Ok(req)) => req,
+        Ok(Ok((preamble::Kind::Udp, req))) => {
+            crate::udp::inbound::flow(ctx, peer, conn, flows, req, send, recv).await;
+            return;
+        }
+        Ok(Ok((preamble::Kind::Tcp, req))) => req,
         Ok(Err(e)) => {
             ctx.metrics.refuse("malformed_preamble");
-            tracing::warn!(%peer, error = %e, "refusing TCP stream: malformed preamble");
+            tracing::warn!(%peer, error = %e, "refusing L4 stream: malformed preamble");
             refuse(send, recv, Status::Malformed, e.to_string()).await;
             return;
         }
@@ -567,7 +581,11 @@ async fn l4_stream(
 
 /// Check the service's authorization policy for `peer`; a refusal is logged
 /// and counted in `weft_authz_denied_total`.
-fn authorize(ctx: &Ctx, peer: &SpiffeId, service: &str) -> Result<(), crate::mesh::Denied> {
+pub(crate) fn authorize(
+    ctx: &Ctx,
+    peer: &SpiffeId,
+    service: &str,
+) -> Result<(), crate::mesh::Denied> {
     let state = ctx.state.load();
     let rules = state
         .service(service)
@@ -592,7 +610,8 @@ fn authorize(ctx: &Ctx, peer: &SpiffeId, service: &str) -> Result<(), crate::mes
     result
 }
 
-async fn refuse(
+/// Answer a stream's preamble with a refusal and end the stream.
+pub(crate) async fn refuse(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
     status: Status,

@@ -179,7 +179,9 @@ async fn handle(ctx: Arc<Ctx>, cfg: &CaptureConfig, stream: TcpStream, from: Soc
                 Detected::Opaque => crate::outbound::tcp(ctx, service, stream, from).await,
             }
         }
-        None => crate::copy::reset(stream),
+        // A UDP service lists no addresses (the checker refuses them), so
+        // a TCP connection cannot map to one; refuse it if it ever does.
+        Some(Protocol::Udp) | None => crate::copy::reset(stream),
     }
 }
 

@@ -27,6 +27,7 @@ pub mod retry;
 pub mod route;
 pub mod sidecar;
 pub mod trace;
+pub mod udp;
 
 pub use mesh::Mesh;
 pub use sidecar::{CaCredential, IdentitySource, Limits, Sidecar, SidecarConfig};

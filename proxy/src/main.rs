@@ -94,6 +94,12 @@ async fn run(cmd: Command) -> ExitCode {
                 .upstream_addrs
                 .iter()
                 .map(|(s, a)| format!("{s}={a}"))
+                .chain(
+                    sidecar
+                        .udp_upstream_addrs
+                        .iter()
+                        .map(|(s, a)| format!("{s}={a}/udp")),
+                )
                 .collect();
             println!(
                 "weft sidecar ready: identity={} inbound={} admin={} upstreams=[{}]",

@@ -18,6 +18,11 @@
 //! endpoints = ["[::1]:15308"]
 //! # Connections the sidecar intercepts to these addresses go to this service.
 //! addresses = ["10.96.0.30:7000", "echo.default.svc.cluster.local:7000"]
+//! [services.dns]
+//! # Datagrams, carried as QUIC DATAGRAM frames; one flow per app address.
+//! protocol = "udp"
+//! port = 5353
+//! endpoints = ["127.0.0.1:15408"]
 //! [services.search]
 //! # A DNS name (e.g. a Kubernetes headless Service) stands for every address
 //! # it resolves to, re-resolved while the sidecar runs.
@@ -117,6 +122,9 @@ pub enum Protocol {
     Http,
     /// Opaque bytes, carried on a raw QUIC stream.
     Tcp,
+    /// Datagrams, carried as QUIC DATAGRAM frames, one flow per app
+    /// address (see `docs/udp.md`).
+    Udp,
 }
 
 /// One peer sidecar serving a service.
@@ -340,7 +348,8 @@ struct RawMesh {
 #[serde(deny_unknown_fields)]
 struct RawService {
     // Default (when `None`): HTTP. Most service traffic is HTTP, and HTTP gets
-    // per-request routing, retries and metrics; opaque TCP must be asked for.
+    // per-request routing, retries and metrics; opaque TCP and UDP must be
+    // asked for.
     #[serde(default)]
     protocol: Option<Spanned<String>>,
     // Default: 0, "the peer's default app". Most pods run one app, so the
@@ -366,6 +375,9 @@ struct RawService {
     connect_timeout: Option<Spanned<String>>,
     #[serde(default)]
     idle_timeout: Option<Spanned<String>>,
+    // UDP only. Default: none, a flow ends when idle (see policy.rs).
+    #[serde(default)]
+    replies_per_flow: Option<Spanned<u32>>,
     // Default: the mesh's default_authorization.
     #[serde(default)]
     authorization: Option<Spanned<authz::RawAuthorization>>,
@@ -519,11 +531,13 @@ impl Checker<'_> {
             Some(p) => match p.get_ref().as_str() {
                 "http" => Protocol::Http,
                 "tcp" => Protocol::Tcp,
+                "udp" => Protocol::Udp,
                 other => {
                     self.error(
                         Some(p.span()),
                         format!(
-                            "service {name:?}: unknown protocol {other:?}; use \"http\" or \"tcp\""
+                            "service {name:?}: unknown protocol {other:?}; use \"http\", \"tcp\" \
+                             or \"udp\""
                         ),
                     );
                     Protocol::Http
@@ -579,6 +593,18 @@ impl Checker<'_> {
         }
         let mut addresses = Vec::new();
         let mut address_names = Vec::new();
+        if protocol == Protocol::Udp {
+            if let Some(a) = raw.addresses.first() {
+                self.error(
+                    Some(a.span()),
+                    format!(
+                        "service {name:?} is UDP: addresses are for intercepted TCP connections; \
+                         apps reach a UDP service through a `--upstream {name}=ADDR/udp` listener, \
+                         remove addresses"
+                    ),
+                );
+            }
+        }
         for a in raw.addresses {
             let text = a.get_ref();
             if let Ok(addr) = text.parse::<SocketAddr>() {
@@ -609,6 +635,7 @@ impl Checker<'_> {
             retry_budget: raw.retry_budget,
             connect_timeout: raw.connect_timeout,
             idle_timeout: raw.idle_timeout,
+            replies_per_flow: raw.replies_per_flow,
         };
         let (routes, policy) = self.policy(name, name_span, protocol, raw_policy, refs);
         let authorization = raw
@@ -862,7 +889,7 @@ endpoints = ["[::1]:15308"]
     fn reports_every_semantic_error_with_its_line() {
         let text = r#"trust_domain = "Example.org"
 [services.payment]
-protocol = "udp"
+protocol = "sctp"
 endpoints = ["127.0.0.1:15108", "local host:80"]
 "#;
         let errors = errors(text);
@@ -877,7 +904,7 @@ endpoints = ["127.0.0.1:15108", "local host:80"]
             "{errors:#?}"
         );
         assert!(errors[0].message.contains("trust_domain \"Example.org\""));
-        assert!(errors[1].message.contains("\"http\" or \"tcp\""));
+        assert!(errors[1].message.contains("\"http\", \"tcp\" or \"udp\""));
         assert_eq!(
             errors[2].message,
             "service \"payment\": endpoint \"local host:80\" is not an ip:port address \

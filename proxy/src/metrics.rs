@@ -54,6 +54,21 @@ pub struct TcpLabels {
     pub peer: String,
 }
 
+/// UDP datagrams and flows: direction and service.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UdpLabels {
+    pub direction: &'static str,
+    pub service: String,
+}
+
+/// Datagrams dropped by the sidecar, by reason (see [`crate::udp`]).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UdpDropLabels {
+    pub direction: &'static str,
+    pub service: String,
+    pub reason: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct QuicLabels {
     pub direction: &'static str,
@@ -151,6 +166,13 @@ pub struct Metrics {
     pub tcp_active: Family<TcpLabels, Gauge>,
     pub tcp_sent_bytes: Family<TcpLabels, Counter>,
     pub tcp_received_bytes: Family<TcpLabels, Counter>,
+    pub udp_sent_datagrams: Family<UdpLabels, Counter>,
+    pub udp_sent_bytes: Family<UdpLabels, Counter>,
+    pub udp_received_datagrams: Family<UdpLabels, Counter>,
+    pub udp_received_bytes: Family<UdpLabels, Counter>,
+    pub udp_dropped: Family<UdpDropLabels, Counter>,
+    pub udp_flows: Family<UdpLabels, Counter>,
+    pub udp_flows_active: Family<UdpLabels, Gauge>,
     pub quic_connections: Family<QuicLabels, Counter>,
     pub quic_active: Family<QuicLabels, Gauge>,
     pub quic_handshake_failures: Family<QuicLabels, Counter>,
@@ -191,6 +213,13 @@ impl Metrics {
             tcp_active: Family::default(),
             tcp_sent_bytes: Family::default(),
             tcp_received_bytes: Family::default(),
+            udp_sent_datagrams: Family::default(),
+            udp_sent_bytes: Family::default(),
+            udp_received_datagrams: Family::default(),
+            udp_received_bytes: Family::default(),
+            udp_dropped: Family::default(),
+            udp_flows: Family::default(),
+            udp_flows_active: Family::default(),
             quic_connections: Family::default(),
             quic_active: Family::default(),
             quic_handshake_failures: Family::default(),
@@ -249,6 +278,42 @@ impl Metrics {
             "weft_tcp_received_bytes",
             "Bytes received from the peer (outbound) or the app (inbound) on TCP streams",
             m.tcp_received_bytes.clone(),
+        );
+        r.register(
+            "weft_udp_sent_datagrams",
+            "UDP datagrams sent towards the peer (outbound) or the app (inbound)",
+            m.udp_sent_datagrams.clone(),
+        );
+        r.register(
+            "weft_udp_sent_bytes",
+            "UDP payload bytes sent towards the peer (outbound) or the app (inbound)",
+            m.udp_sent_bytes.clone(),
+        );
+        r.register(
+            "weft_udp_received_datagrams",
+            "UDP datagrams received from the peer (outbound) or the app (inbound) and delivered",
+            m.udp_received_datagrams.clone(),
+        );
+        r.register(
+            "weft_udp_received_bytes",
+            "UDP payload bytes received from the peer (outbound) or the app (inbound) and delivered",
+            m.udp_received_bytes.clone(),
+        );
+        r.register(
+            "weft_udp_dropped_datagrams",
+            "UDP datagrams the sidecar dropped, by reason (too_large, no_flow, queue_full, \
+             unauthorized, unreachable, malformed)",
+            m.udp_dropped.clone(),
+        );
+        r.register(
+            "weft_udp_flows",
+            "UDP flows opened (outbound: per app source address; inbound: accepted from a peer)",
+            m.udp_flows.clone(),
+        );
+        r.register(
+            "weft_udp_flows_active",
+            "UDP flows open now",
+            m.udp_flows_active.clone(),
         );
         r.register(
             "weft_quic_connections",

@@ -46,6 +46,9 @@ pub(crate) async fn listen(ctx: Arc<Ctx>, service: String, listener: TcpListener
             match proto {
                 Some(Protocol::Tcp) => stream::proxy(ctx2, service, stream, from).await,
                 Some(Protocol::Http) => http(ctx2, service, stream).await,
+                Some(Protocol::Udp) => {
+                    tracing::warn!(%service, "service is UDP now; closing a TCP connection to its old listener")
+                }
                 None => {
                     tracing::warn!(%service, "service no longer in the mesh; closing connection")
                 }

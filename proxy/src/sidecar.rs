@@ -126,6 +126,9 @@ pub struct SidecarConfig {
     pub app: Option<SocketAddr>,
     /// Local TCP listeners for the app: (service, listen address).
     pub upstreams: Vec<(String, SocketAddr)>,
+    /// Local UDP sockets for the app (`--upstream SERVICE=ADDR/udp`), one
+    /// per UDP service: (service, bind address).
+    pub udp_upstreams: Vec<(String, SocketAddr)>,
     pub limits: Limits,
     /// Spans and trace headers (off unless an export endpoint is set).
     pub tracing: crate::trace::TraceConfig,
@@ -152,6 +155,12 @@ pub enum SidecarError {
     },
     #[error("--upstream {0}: no such service in the mesh file")]
     UnknownUpstream(String),
+    #[error("--upstream {service}: the service's protocol is {protocol}; {hint}")]
+    UpstreamProtocol {
+        service: String,
+        protocol: &'static str,
+        hint: &'static str,
+    },
     #[error("tracing: {0}")]
     Tracing(#[from] crate::trace::TraceError),
 }
@@ -192,6 +201,8 @@ pub(crate) struct Ctx {
     pub tracer: crate::trace::Tracer,
     /// Wakes the DNS resolver (a new mesh names something it has not looked up).
     pub resolve_now: tokio::sync::Notify,
+    /// UDP flows on pooled `weft-l4` connections, by connection.
+    pub udp: Arc<crate::udp::ClientTables>,
 }
 
 impl Ctx {
@@ -251,6 +262,8 @@ pub struct Sidecar {
     pub inbound_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     pub upstream_addrs: BTreeMap<String, SocketAddr>,
+    /// Where the UDP upstream sockets are bound, by service.
+    pub udp_upstream_addrs: BTreeMap<String, SocketAddr>,
     /// Where the outbound capture listeners are bound.
     pub capture_addrs: Vec<SocketAddr>,
     ctx: Arc<Ctx>,
@@ -329,17 +342,15 @@ impl Sidecar {
             .pool_idle_timeout(std::time::Duration::from_secs(60))
             .build(http);
 
-        for (svc, _) in &cfg.upstreams {
-            if cfg.mesh.service(svc).is_none() {
-                return Err(SidecarError::UnknownUpstream(svc.clone()));
-            }
-        }
+        check_upstreams(&cfg)?;
 
         let effective = serde_json::json!({
             "identity": tls.identity().to_string(),
             "inbound": inbound_addr.to_string(),
             "app": cfg.app.map(|a| a.to_string()),
-            "upstreams": cfg.upstreams.iter().map(|(s, a)| (s.clone(), a.to_string())).collect::<BTreeMap<_, _>>(),
+            "upstreams": cfg.upstreams.iter().map(|(s, a)| (s.clone(), a.to_string()))
+                .chain(cfg.udp_upstreams.iter().map(|(s, a)| (s.clone(), format!("{a}/udp"))))
+                .collect::<BTreeMap<_, _>>(),
             "limits": cfg.limits,
             "tracing": cfg.tracing,
             "capture": cfg.capture,
@@ -367,6 +378,7 @@ impl Sidecar {
             effective,
             tracer,
             resolve_now: tokio::sync::Notify::new(),
+            udp: Arc::default(),
         });
 
         crate::identity::publish_expiry(&ctx);
@@ -403,6 +415,23 @@ impl Sidecar {
                 ctx.clone(),
                 svc.clone(),
                 listener,
+            )));
+        }
+        let mut udp_upstream_addrs = BTreeMap::new();
+        for (svc, addr) in &cfg.udp_upstreams {
+            let listen_err = |source| SidecarError::Listen {
+                what: format!("UDP upstream {svc}"),
+                addr: *addr,
+                source,
+            };
+            let socket = tokio::net::UdpSocket::bind(addr)
+                .await
+                .map_err(listen_err)?;
+            udp_upstream_addrs.insert(svc.clone(), socket.local_addr().map_err(listen_err)?);
+            tasks.push(ctx.spawn_listener(crate::udp::outbound::listen(
+                ctx.clone(),
+                svc.clone(),
+                socket,
             )));
         }
         let capture = Arc::new(cfg.capture.clone());
@@ -445,6 +474,7 @@ impl Sidecar {
             inbound_addr,
             admin_addr,
             upstream_addrs,
+            udp_upstream_addrs,
             capture_addrs,
             ctx,
             endpoint,
@@ -563,6 +593,31 @@ fn track_outbound(metrics: &Arc<Metrics>, conn: &quinn::Connection, alpn: &'stat
         conn.closed().await;
         active.dec();
     });
+}
+
+/// Every upstream names a service of the mesh, of the right protocol: a
+/// `/udp` upstream a UDP service, a plain one an HTTP or TCP service.
+fn check_upstreams(cfg: &SidecarConfig) -> Result<(), SidecarError> {
+    let tcp = cfg.upstreams.iter().map(|(s, _)| (s, false));
+    let udp = cfg.udp_upstreams.iter().map(|(s, _)| (s, true));
+    for (svc, wants_udp) in tcp.chain(udp) {
+        let Some(service) = cfg.mesh.service(svc) else {
+            return Err(SidecarError::UnknownUpstream(svc.clone()));
+        };
+        let is_udp = service.protocol == Protocol::Udp;
+        if is_udp != wants_udp {
+            return Err(SidecarError::UpstreamProtocol {
+                service: svc.clone(),
+                protocol: if is_udp { "udp" } else { "http or tcp" },
+                hint: if is_udp {
+                    "give its listener as SERVICE=ADDR/udp"
+                } else {
+                    "a SERVICE=ADDR/udp listener is only for protocol = \"udp\" services"
+                },
+            });
+        }
+    }
+    Ok(())
 }
 
 /// The protocol of a service, if the mesh knows it.

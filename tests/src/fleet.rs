@@ -628,6 +628,7 @@ pub async fn ca_pair(
             admin: any_port(),
             app,
             upstreams,
+            udp_upstreams: Vec::new(),
             limits: Limits::default(),
             tracing: Default::default(),
             capture: Default::default(),

@@ -654,6 +654,7 @@ async fn every_metric_the_dashboard_and_alerts_use_is_exported_and_promtool_pass
             admin: any_port(),
             app: None,
             upstreams: Vec::new(),
+            udp_upstreams: Vec::new(),
             limits: Limits::default(),
             tracing: Default::default(),
             capture: Default::default(),

@@ -259,6 +259,7 @@ async fn start_with(app: SocketAddr, client_cfg: TraceConfig, server_cfg: TraceC
         admin: any_port(),
         app,
         upstreams,
+        udp_upstreams: Vec::new(),
         limits: Limits::default(),
         tracing: tracing.clone(),
         capture: Default::default(),
@@ -761,6 +762,7 @@ async fn an_app_that_forwards_headers_continues_the_trace() {
                 .map(|s| (s.to_string(), any_port()))
                 .into_iter()
                 .collect(),
+            udp_upstreams: Vec::new(),
             limits: Limits::default(),
             tracing: cfg.clone(),
             capture: Default::default(),

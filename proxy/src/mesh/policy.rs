@@ -221,10 +221,19 @@ pub struct ServicePolicy {
     /// connecting to its app.
     #[serde(serialize_with = "ser_duration")]
     pub connect_timeout: Duration,
-    /// A TCP stream with no bytes either way for this long is closed.
+    /// A TCP stream with no bytes either way for this long is closed; for
+    /// a UDP service, a flow with no datagram either way.
     #[serde(serialize_with = "ser_opt_duration")]
     pub idle_timeout: Option<Duration>,
+    /// UDP only: a flow ends once this many reply datagrams reached the
+    /// app (DNS: 1), instead of waiting out `idle_timeout`.
+    pub replies_per_flow: Option<u32>,
 }
+
+/// The flow idle timeout of a UDP service that sets none: Envoy's UDP
+/// proxy default, and inside the 120 s conntrack keeps an answered UDP
+/// "connection". A flow that sees no datagram for this long ends.
+pub const UDP_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl Default for ServicePolicy {
     fn default() -> Self {
@@ -239,6 +248,8 @@ impl Default for ServicePolicy {
             connect_timeout: Duration::from_secs(5),
             // Envoy's TCP proxy default: an hour of silence.
             idle_timeout: Some(Duration::from_secs(3600)),
+            // Flows end when idle unless a UDP service says otherwise.
+            replies_per_flow: None,
         }
     }
 }
@@ -473,6 +484,7 @@ pub(super) struct RawServicePolicy {
     pub retry_budget: Option<Spanned<RawBudget>>,
     pub connect_timeout: Option<Spanned<String>>,
     pub idle_timeout: Option<Spanned<String>>,
+    pub replies_per_flow: Option<Spanned<u32>>,
 }
 
 /// A reference from one service to another (backend or mirror), checked
@@ -679,7 +691,7 @@ impl Checker<'_> {
         let abort = raw.abort.map(|a| {
             let a = a.into_inner();
             let status = match (&a.status, protocol) {
-                (Some(s), Protocol::Tcp) => {
+                (Some(s), Protocol::Tcp | Protocol::Udp) => {
                     self.error(
                         Some(s.span()),
                         format!("{ctx}: fault.abort.status has no meaning for a TCP service (aborted streams are reset); remove it"),
@@ -703,7 +715,7 @@ impl Checker<'_> {
                     );
                     503
                 }
-                (None, Protocol::Tcp) => 0,
+                (None, Protocol::Tcp | Protocol::Udp) => 0,
             };
             FaultAbort {
                 percent: self.percent(ctx, "fault.abort.percent", &a.percent),
@@ -748,6 +760,19 @@ impl Checker<'_> {
     ) -> (Vec<Route>, ServicePolicy) {
         let mut routes = Vec::new();
         let raw_routes = raw.routes.take().unwrap_or_default();
+        if protocol == Protocol::Udp {
+            self.udp_only_fields(name, &raw, raw_routes.first().map(|r| r.span()));
+            // Checked above: a UDP service takes no routes (its flows go to
+            // the whole service), so none are looked at further.
+            let policy = self.service_policy(name, protocol, raw);
+            return (vec![Route::default_for(name)], policy);
+        }
+        if let Some(r) = &raw.replies_per_flow {
+            self.error(
+                Some(r.span()),
+                format!("service {name:?}: replies_per_flow is for UDP services; remove it"),
+            );
+        }
         if protocol == Protocol::Tcp && raw_routes.len() > 1 {
             self.error(
                 Some(raw_routes[1].span()),
@@ -897,13 +922,78 @@ impl Checker<'_> {
         if routes.is_empty() {
             routes.push(Route::default_for(name));
         }
-        let policy = self.service_policy(name, raw);
+        let policy = self.service_policy(name, protocol, raw);
         (routes, policy)
     }
 
-    fn service_policy(&mut self, name: &str, raw: RawServicePolicy) -> ServicePolicy {
+    /// A UDP service's flows go to the whole service, one endpoint per flow
+    /// chosen by the load balancer: nothing to route on, no response to
+    /// retry or judge. Refuse the policies that cannot apply.
+    fn udp_only_fields(
+        &mut self,
+        name: &str,
+        raw: &RawServicePolicy,
+        first_route: Option<Range<usize>>,
+    ) {
+        let why = "a UDP flow has no requests or responses to match, retry or judge";
+        let refused = [
+            ("routes", first_route, "its flows go to the whole service"),
+            (
+                "retry_budget",
+                raw.retry_budget.as_ref().map(|r| r.span()),
+                "flows are not retried",
+            ),
+            (
+                "outlier_detection",
+                raw.outlier_detection.as_ref().map(|r| r.span()),
+                "there are no responses to judge an endpoint by",
+            ),
+        ];
+        for (field, span, what) in refused {
+            if let Some(span) = span {
+                self.error(
+                    Some(span),
+                    format!(
+                        "service {name:?} is UDP: {field} does not apply ({what}; {why}); remove it"
+                    ),
+                );
+            }
+        }
+        if let Some(t) = &raw.idle_timeout {
+            if t.get_ref() == "none" {
+                self.error(
+                    Some(t.span()),
+                    format!(
+                        "service {name:?} is UDP: idle_timeout cannot be \"none\", since a \
+                         flow ends only when idle; give a duration (default 60s)"
+                    ),
+                );
+            }
+        }
+        if let Some(r) = &raw.replies_per_flow {
+            if *r.get_ref() == 0 {
+                self.error(
+                    Some(r.span()),
+                    format!(
+                        "service {name:?}: replies_per_flow must be at least 1; leave it out \
+                         to end flows only when idle"
+                    ),
+                );
+            }
+        }
+    }
+
+    fn service_policy(
+        &mut self,
+        name: &str,
+        protocol: Protocol,
+        raw: RawServicePolicy,
+    ) -> ServicePolicy {
         let ctx = format!("service {name:?}");
-        let d = ServicePolicy::default();
+        let mut d = ServicePolicy::default();
+        if protocol == Protocol::Udp {
+            d.idle_timeout = Some(UDP_IDLE_TIMEOUT);
+        }
         let load_balancer = match raw.load_balancer {
             None => d.load_balancer,
             Some(lb) => match lb.get_ref().parse::<LbPolicy>() {
@@ -1003,6 +1093,8 @@ impl Checker<'_> {
             .unwrap_or(d.connect_timeout);
         let idle_timeout = match &raw.idle_timeout {
             None => d.idle_timeout,
+            // Refused for UDP (udp_only_fields); keep the default there.
+            Some(t) if t.get_ref() == "none" && protocol == Protocol::Udp => d.idle_timeout,
             Some(t) if t.get_ref() == "none" => None,
             Some(t) => self.duration(&ctx, "idle_timeout", t).or(d.idle_timeout),
         };
@@ -1013,6 +1105,10 @@ impl Checker<'_> {
             retry_budget,
             connect_timeout,
             idle_timeout,
+            replies_per_flow: raw
+                .replies_per_flow
+                .map(|r| r.into_inner())
+                .filter(|r| *r > 0 && protocol == Protocol::Udp),
         }
     }
 
@@ -1261,5 +1357,85 @@ fault = { abort = { percent = 5 }, delay = { percent = 1, duration = "1s" } }
             "[[services.t.routes]]\nfault = { abort = { percent = 5, status = 503 } }\n[[services.t.routes]]\n",
         ));
         assert_eq!(e.len(), 2, "{e:#?}");
+    }
+
+    #[test]
+    fn udp_service_defaults_and_settings() {
+        let text = r#"trust_domain = "td"
+[services.dns]
+protocol = "udp"
+port = 5353
+endpoints = ["127.0.0.1:2", "127.0.0.1:3"]
+load_balancer = "round-robin"
+connect_timeout = "2s"
+replies_per_flow = 1
+circuit_breaker = { max_requests = 500 }
+authorization = { allow = ["spiffe://td/ns/a/sa/b"] }
+[services.ntp]
+protocol = "udp"
+endpoints = ["127.0.0.1:4"]
+idle_timeout = "5s"
+"#;
+        let mesh = Mesh::parse(text, "m").unwrap_or_else(|e| panic!("{e}"));
+        let dns = mesh.service("dns").unwrap();
+        assert_eq!(dns.protocol, Protocol::Udp);
+        assert_eq!(dns.port, 5353);
+        assert_eq!(dns.policy.idle_timeout, Some(UDP_IDLE_TIMEOUT));
+        assert_eq!(dns.policy.replies_per_flow, Some(1));
+        assert_eq!(dns.policy.load_balancer, LbPolicy::RoundRobin);
+        assert_eq!(dns.policy.circuit_breaker.max_requests, 500);
+        assert!(dns.authorization.is_some());
+        assert_eq!(dns.routes, vec![Route::default_for("dns")]);
+        let ntp = mesh.service("ntp").unwrap();
+        assert_eq!(ntp.policy.idle_timeout, Some(Duration::from_secs(5)));
+        assert_eq!(ntp.policy.replies_per_flow, None);
+        let json = serde_json::to_value(&mesh).unwrap();
+        assert_eq!(json["services"]["dns"]["protocol"], "udp");
+        assert_eq!(json["services"]["dns"]["replies_per_flow"], 1);
+    }
+
+    #[test]
+    fn udp_service_refuses_what_does_not_apply() {
+        let text = r#"trust_domain = "td"
+[services.dns]
+protocol = "udp"
+endpoints = ["127.0.0.1:2"]
+idle_timeout = "none"
+replies_per_flow = 0
+addresses = ["10.96.0.10:53"]
+retry_budget = { ratio = 0.1 }
+outlier_detection = { consecutive_5xx = 1 }
+[[services.dns.routes]]
+retries = { attempts = 2 }
+[services.web]
+endpoints = ["127.0.0.1:3"]
+replies_per_flow = 1
+"#;
+        let e = errors(text);
+        let got: Vec<(Option<usize>, &str)> =
+            e.iter().map(|e| (e.line, e.message.as_str())).collect();
+        let has = |line: usize, part: &str| {
+            assert!(
+                got.iter()
+                    .any(|(l, m)| *l == Some(line) && m.contains(part)),
+                "line {line}: {part:?} in {got:#?}"
+            )
+        };
+        has(5, "idle_timeout cannot be \"none\"");
+        has(6, "replies_per_flow must be at least 1");
+        has(7, "is UDP: addresses are for intercepted TCP connections");
+        has(8, "is UDP: retry_budget does not apply");
+        has(9, "is UDP: outlier_detection does not apply");
+        has(10, "is UDP: routes does not apply");
+        has(14, "replies_per_flow is for UDP services");
+        assert_eq!(e.len(), 7, "{e:#?}");
+        // A TCP route cannot send its streams to a UDP service.
+        let e = errors(
+            "trust_domain = \"td\"\n[services.dns]\nprotocol = \"udp\"\nendpoints = [\"127.0.0.1:2\"]\n\
+             [services.t]\nprotocol = \"tcp\"\nendpoints = [\"127.0.0.1:3\"]\n\
+             [[services.t.routes]]\nbackends = [{ service = \"dns\" }]\n",
+        );
+        assert_eq!(e.len(), 1, "{e:#?}");
+        assert!(e[0].message.contains("is Udp, not Tcp"), "{e:#?}");
     }
 }
