@@ -8,6 +8,7 @@ mod compare;
 mod load;
 mod procs;
 mod report;
+mod scale;
 mod scenarios;
 mod stats;
 
@@ -44,6 +45,8 @@ enum Cmd {
     Backend(BackendArgs),
     /// Set up direct, Weft and HAProxy scenarios on loopback and compare them in alternating rounds.
     Compare(CompareArgs),
+    /// Memory per stream (N streams over one QUIC connection) and per peer connection (P peers).
+    Scale(ScaleArgs),
     /// Redraw the markdown and SVG charts of a `compare` run from its results.json.
     Charts {
         /// results.json written by `compare`.
@@ -108,6 +111,25 @@ struct TcpArgs {
     no_marker: bool,
     #[command(flatten)]
     common: Common,
+}
+
+#[derive(Debug, Args)]
+struct ScaleArgs {
+    /// Concurrent TCP streams over the pair's one QUIC connection.
+    #[arg(long, default_value_t = 1000)]
+    streams: usize,
+    /// Peer connections to the server sidecar.
+    #[arg(long, default_value_t = 200)]
+    peers: usize,
+    /// Worker threads of each sidecar.
+    #[arg(long, default_value_t = 1)]
+    workers: usize,
+    /// The weft binary [default: beside weft-bench].
+    #[arg(long)]
+    weft: Option<PathBuf>,
+    /// Print the report as JSON instead of a markdown table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -245,6 +267,43 @@ fn run(cmd: Cmd) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Compare(a) => compare(a),
+        Cmd::Scale(a) => {
+            let weft = match a.weft {
+                Some(p) if p.is_file() => p,
+                Some(p) => bail!("--weft {}: no such file", p.display()),
+                None => compare::find_weft()
+                    .context("no weft binary beside weft-bench: build it or pass --weft PATH")?,
+            };
+            let work = tempfile::tempdir()?;
+            if std::env::var_os("WEFT_BENCH_KEEP").is_some() {
+                eprintln!("weft-bench scale: keeping {}", work.path().display());
+            }
+            let exe = std::env::current_exe()?;
+            let opts = scale::ScaleOpts {
+                streams: a.streams,
+                peers: a.peers,
+                workers: a.workers.max(1),
+                weft,
+                work: work.path().to_path_buf(),
+            };
+            let r = runtime(2)?.block_on(scale::run(&opts, &exe));
+            if std::env::var_os("WEFT_BENCH_KEEP").is_some() {
+                let _ = work.keep();
+            }
+            let r = r?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                print!("{}", scale::markdown(&r));
+            }
+            Ok(
+                if r.streams_live == r.streams && r.peers_connected == r.peers {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                },
+            )
+        }
         Cmd::Charts { results, out } => {
             let text = std::fs::read_to_string(&results)
                 .with_context(|| format!("reading {}", results.display()))?;

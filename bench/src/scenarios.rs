@@ -192,8 +192,12 @@ pub fn weft_pair(setup: &ProxySetup, weft: Option<&Path>, tcp: bool) -> anyhow::
         let mut cmd = Command::new(weft);
         cmd.arg("sidecar")
             .arg(format!("@{}", flags.display()))
-            // Warnings only: the HAProxy pairs log nothing either.
-            .env("RUST_LOG", "warn");
+            // Warnings only: the HAProxy pairs log nothing either
+            // (WEFT_BENCH_SIDECAR_LOG=debug to find out what went wrong).
+            .env(
+                "RUST_LOG",
+                std::env::var("WEFT_BENCH_SIDECAR_LOG").unwrap_or_else(|_| "warn".into()),
+            );
         let mut p = Proc::spawn(
             &format!("{name} {side} sidecar"),
             &mut cmd,

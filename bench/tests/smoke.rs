@@ -133,3 +133,38 @@ fn compare_quick_produces_every_scenario_and_file() {
     assert_eq!(redrawn, md);
     assert!(again.join("throughput.svg").is_file());
 }
+
+#[test]
+fn scale_holds_every_stream_and_peer_and_reports_memory() {
+    let output = Command::new(env!("CARGO_BIN_EXE_weft-bench"))
+        .args([
+            "scale",
+            "--streams",
+            "60",
+            "--peers",
+            "8",
+            "--json",
+            "--weft",
+        ])
+        .arg(weft_binary())
+        .output()
+        .expect("running weft-bench scale");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "weft-bench scale failed ({}):\n{stdout}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let r: Value = serde_json::from_str(&stdout).expect("scale JSON");
+    assert_eq!(r["streams_live"], 60, "{r}");
+    assert_eq!(r["peers_connected"], 8, "{r}");
+    for key in [
+        "client_bytes_per_stream",
+        "server_bytes_per_stream",
+        "server_bytes_per_connection",
+    ] {
+        assert!(r[key].as_f64().is_some_and(f64::is_finite), "{key}: {r}");
+    }
+    assert!(r["server_rss_kib_with_peers"].as_u64() > Some(0), "{r}");
+}
