@@ -10,8 +10,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use std::process::Stdio;
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
+use tokio::process::{Child, Command};
 use weft_proxy::mesh::{Mesh, Protocol};
 use weft_proxy::{Limits, Sidecar};
 use weft_tests::fleet::{background, load_unordered, quantile, BehavingApp, Client};
@@ -37,6 +40,23 @@ async fn endpoint(client: &Sidecar, service: &str, addr: SocketAddr) -> serde_js
         .as_array()
         .and_then(|eps| eps.iter().find(|e| e["addr"] == want.as_str()).cloned())
         .unwrap_or_else(|| panic!("{addr} not in /clusters {service}: {clusters}"))
+}
+
+/// Start a sidecar from `cfg` on `addr`, the address of one that was just
+/// dropped: polls until the old endpoint's socket has closed and the port
+/// is free again.
+async fn restart(mut cfg: weft_proxy::SidecarConfig, addr: SocketAddr) -> Sidecar {
+    cfg.inbound = addr;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match Sidecar::start(cfg.clone()).await {
+            Ok(s) => return s,
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(e) => panic!("could not restart a sidecar on {addr}: {e}"),
+        }
+    }
 }
 
 /// Two `payment` endpoints, `a` behind the relay and `b` direct, balanced
@@ -157,20 +177,8 @@ async fn dead_peer_is_detected_within_the_idle_timeout_and_used_again_when_back(
         // (still unreachable), then the network heals: it serves again.
         let a_addr = server_a.inbound_addr;
         drop(server_a);
-        let mut cfg = sidecar_config(&m, ca.creds("a"), Some(app_a.addr), &[], Limits::default());
-        cfg.inbound = a_addr;
-        // Poll until the old endpoint's socket has closed and the port is free.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let _restarted = loop {
-            match Sidecar::start(cfg.clone()).await {
-                Ok(s) => break s,
-                Err(e) if Instant::now() < deadline => {
-                    let _ = e;
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                Err(e) => panic!("could not restart a on {a_addr}: {e}"),
-            }
-        };
+        let cfg = sidecar_config(&m, ca.creds("a"), Some(app_a.addr), &[], Limits::default());
+        let _restarted = restart(cfg, a_addr).await;
         relay.set_both(Impairment::none());
         let healed = Instant::now();
         let a_before = app_a.requests();
@@ -195,6 +203,152 @@ async fn dead_peer_is_detected_within_the_idle_timeout_and_used_again_when_back(
             "total: ok {}, failed {failed}; relay up {:?}",
             bg.ok(),
             relay.counts(Direction::Up)
+        );
+    })
+    .await
+    .expect("test timed out");
+}
+
+/// Write the certificate of `name` where `--cert-dir` reads it.
+fn write_certs(ca: &TestCa, name: &str, dir: &std::path::Path) {
+    let issued = ca
+        .ca
+        .issue(&ca.id(name), Duration::from_secs(3600))
+        .expect("issue");
+    std::fs::create_dir_all(dir).expect("cert dir");
+    std::fs::write(dir.join("cert.pem"), issued.cert_chain_pem).expect("cert.pem");
+    std::fs::write(dir.join("key.pem"), issued.key_pem).expect("key.pem");
+    std::fs::write(dir.join("bundle.pem"), issued.bundle_pem).expect("bundle.pem");
+}
+
+/// A `weft sidecar` process in `dir` (mesh.toml, certs/) on `inbound`, in
+/// front of `app`; returns once it says it is ready.
+async fn weft_process(dir: &std::path::Path, inbound: SocketAddr, app: SocketAddr) -> Child {
+    let mut child = Command::new(bin("weft"))
+        .current_dir(dir)
+        .env_remove("RUST_LOG")
+        .args(["sidecar", "--mesh", "mesh.toml", "--cert-dir", "certs"])
+        .args(["--inbound", &inbound.to_string(), "--admin", "127.0.0.1:0"])
+        .args(["--app", &app.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn weft sidecar");
+    let mut stdout = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    loop {
+        match stdout.next_line().await.expect("stdout") {
+            Some(l) if l.starts_with("weft sidecar ready:") => break,
+            Some(_) => continue,
+            None => panic!(
+                "weft sidecar exited before it was ready: {:?}",
+                child.wait().await
+            ),
+        }
+    }
+    tokio::spawn(async move { while let Ok(Some(_)) = stdout.next_line().await {} });
+    child
+}
+
+/// A peer sidecar process SIGKILLed (no close frame, no drain: the client
+/// hears nothing more), no relay involved: detected within the idle
+/// timeout, requests go to the survivor, and a new process on the same
+/// address is used again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_peer_process_is_detected_within_the_idle_timeout_and_its_restart_used() {
+    tokio::time::timeout(Duration::from_secs(90), async {
+        let ca = TestCa::new(TD);
+        let dir = tempfile::tempdir().expect("tempdir");
+        write_certs(&ca, "a", &dir.path().join("certs"));
+        let placeholder = mesh(TD, &[("payment", Protocol::Http)]);
+        let app_a = BehavingApp::start("a").await;
+        let app_b = BehavingApp::start("b").await;
+        let server_b = sidecar(
+            &placeholder,
+            ca.creds("b"),
+            Some(app_b.addr),
+            &[],
+            Limits::default(),
+        )
+        .await;
+        // The mesh file names a's port before it runs: take a free one and
+        // release it (if another process grabs it, a fails to start and the
+        // test says so).
+        let a_addr = std::net::UdpSocket::bind("127.0.0.1:0")
+            .and_then(|s| s.local_addr())
+            .expect("free UDP port");
+        let text = format!(
+            "trust_domain = \"{TD}\"\n[services.payment]\nendpoints = [\"{a_addr}\", \"{}\"]\n\
+             load_balancer = \"round-robin\"\n\
+             [[services.payment.routes]]\nname = \"all\"\n\
+             retries = {{ attempts = 1, on = [\"reset\", \"connect-failure\"] }}\n",
+            server_b.inbound_addr
+        );
+        std::fs::write(dir.path().join("mesh.toml"), &text).expect("mesh");
+        let m = parse(&text);
+        server_b.set_mesh(m.clone());
+        let mut a = weft_process(dir.path(), a_addr, app_a.addr).await;
+        let limits = Limits {
+            quic_keep_alive: KEEP_ALIVE,
+            quic_idle_timeout: IDLE_TIMEOUT,
+            ..Limits::default()
+        };
+        let client = sidecar(&m, ca.creds("customer"), None, &["payment"], limits).await;
+        const WORKERS: usize = 4;
+        let bg = background(client.upstream_addrs["payment"], WORKERS);
+        let both = wait_until(Duration::from_secs(20), || async {
+            app_a.requests() > 20 && app_b.requests() > 20
+        })
+        .await;
+        assert!(both, "both endpoints should serve");
+
+        let failed_before = bg.failed();
+        a.start_kill().expect("SIGKILL");
+        let killed = Instant::now();
+        a.wait().await.expect("a exits");
+        let detected = wait_until(IDLE_TIMEOUT * 10, || async {
+            endpoint(&client, "payment", a_addr).await["unreachable"] == true
+        })
+        .await;
+        let detection = killed.elapsed();
+        assert!(detected, "a killed peer was never marked unreachable");
+        // As for the blackhole: the idle timeout after the last packet heard.
+        let bound = IDLE_TIMEOUT + KEEP_ALIVE + Duration::from_secs(1);
+        println!("killed peer marked unreachable after {detection:?} (bound {bound:?})");
+        assert!(detection <= bound, "took {detection:?}, bound {bound:?}");
+        let fresh = Client::new(client.upstream_addrs["payment"]);
+        for _ in 0..20 {
+            let ans = fresh.get("/pay", &[]).await.expect("sidecar answers");
+            assert_eq!(
+                (ans.status, ans.header("x-app")),
+                (200, Some("b")),
+                "{}",
+                ans.body
+            );
+            assert!(
+                ans.elapsed < Duration::from_secs(1),
+                "a request took {:?}",
+                ans.elapsed
+            );
+        }
+
+        let _restarted = weft_process(dir.path(), a_addr, app_a.addr).await;
+        let started = Instant::now();
+        let a_before = app_a.requests();
+        let back = wait_until(Duration::from_secs(15), || async {
+            app_a.requests() > a_before + 5
+        })
+        .await;
+        println!("restarted process in use after {:?}", started.elapsed());
+        assert!(back, "the restarted peer was never used");
+        bg.stop();
+        let failed = bg.failed() - failed_before;
+        println!("failed requests: {failed} of {}", bg.ok() + failed);
+        assert!(
+            failed <= WORKERS as u64,
+            "{failed} failed: {:?}",
+            bg.samples.lock().expect("lock")
         );
     })
     .await
