@@ -11,7 +11,9 @@
 //! Everything runs in a network namespace this test creates (and deletes),
 //! so the 5 % loss it adds with `iptables -m statistic` on the server
 //! sidecar's UDP port touches nothing else. Needs root (CI runs as root),
-//! iptables, dnsmasq and dig (`.ci/run` installs them).
+//! iptables, dnsmasq and dig (`.ci/run` installs them). A second test, on
+//! plain loopback with a small UDP echo app, checks the flow mapping itself
+//! (replies reach the right client address, idle flows end).
 
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
@@ -500,4 +502,135 @@ fn dns_query(id: u16, name: &str) -> Vec<u8> {
     }
     q.extend_from_slice(&[0, 0, 1, 0, 1]);
     q
+}
+
+/// A UDP app that answers every datagram with "<who>:" and the datagram.
+async fn udp_echo_app(who: &'static str) -> SocketAddr {
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = socket.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 65_535];
+        while let Ok((n, from)) = socket.recv_from(&mut buf).await {
+            let mut reply = format!("{who}:").into_bytes();
+            reply.extend_from_slice(&buf[..n]);
+            let _ = socket.send_to(&reply, from).await;
+        }
+    });
+    addr
+}
+
+/// Without root: on loopback, replies go back to the app address that
+/// sent each datagram (several flows through one upstream socket at once),
+/// an idle flow ends after the service's idle_timeout, and upstream
+/// listeners must match their service's protocol.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flows_keep_their_client_addresses_and_end_when_idle() {
+    let ca = TestCa::new(TD);
+    let app = udp_echo_app("echo").await;
+    let text = |server: SocketAddr| {
+        format!(
+            "trust_domain = \"{TD}\"\n[services.echo-udp]\nprotocol = \"udp\"\nport = {}\n\
+             endpoints = [\"{server}\"]\nidle_timeout = \"1s\"\n\
+             [services.web]\nendpoints = [\"{server}\"]\n",
+            app.port()
+        )
+    };
+    let placeholder: SocketAddr = "127.0.0.1:1".parse().expect("addr");
+    let boot = Mesh::parse(&text(placeholder), "mesh").expect("mesh");
+    let server = start(&boot, &ca, "server", None, &[], &[]).await;
+    let mesh = Mesh::parse(&text(server.inbound_addr), "mesh").expect("mesh");
+    server.set_mesh(mesh.clone());
+    let client = start(&mesh, &ca, "customer", None, &[], &["echo-udp"]).await;
+    let upstream = client.udp_upstream_addrs["echo-udp"];
+
+    let mut apps = Vec::new();
+    for _ in 0..8 {
+        apps.push(
+            tokio::net::UdpSocket::bind("127.0.0.1:0")
+                .await
+                .expect("bind"),
+        );
+    }
+    // Every socket sends three datagrams, interleaved with the others.
+    for round in 0..3 {
+        for (i, a) in apps.iter().enumerate() {
+            let msg = format!("app{i}-{round}");
+            a.send_to(msg.as_bytes(), upstream).await.expect("send");
+        }
+    }
+    for (i, a) in apps.iter().enumerate() {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 256];
+        while got.len() < 3 {
+            let (n, from) = tokio::time::timeout(Duration::from_secs(10), a.recv_from(&mut buf))
+                .await
+                .expect("reply in time")
+                .expect("recv");
+            assert_eq!(from, upstream, "replies come from the upstream socket");
+            got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+        got.sort();
+        let want: Vec<String> = (0..3).map(|r| format!("echo:app{i}-{r}")).collect();
+        assert_eq!(got, want, "app {i} got only its own replies");
+    }
+    let outbound = [("direction", "outbound"), ("service", "echo-udp")];
+    let inbound = [("direction", "inbound"), ("service", "echo-udp")];
+    assert_eq!(
+        metric(client.admin_addr, "weft_udp_flows_total", &outbound).await,
+        8.0,
+        "one flow per app address"
+    );
+    // Nobody sends any more: both sides end every flow after idle_timeout.
+    let idle = wait_until(Duration::from_secs(15), || async {
+        metric(client.admin_addr, "weft_udp_flows_active", &outbound).await == 0.0
+            && metric(server.admin_addr, "weft_udp_flows_active", &inbound).await == 0.0
+    })
+    .await;
+    assert!(idle, "idle flows did not end");
+    // A new datagram from a known address after its flow ended starts a new flow.
+    apps[0].send_to(b"again", upstream).await.expect("send");
+    let mut buf = [0u8; 256];
+    let (n, _) = tokio::time::timeout(Duration::from_secs(10), apps[0].recv_from(&mut buf))
+        .await
+        .expect("reply in time")
+        .expect("recv");
+    assert_eq!(&buf[..n], b"echo:again");
+    assert_eq!(
+        metric(client.admin_addr, "weft_udp_flows_total", &outbound).await,
+        9.0
+    );
+
+    // Upstream listeners must match the service's protocol.
+    let wrong = |tcp: &[&str], udp: &[&str]| {
+        let list = |n: &[&str]| n.iter().map(|s| (s.to_string(), any_port())).collect();
+        SidecarConfig {
+            mesh: mesh.clone(),
+            identity: IdentitySource::Static(ca.creds("customer")),
+            inbound: any_port(),
+            admin: any_port(),
+            app: None,
+            upstreams: list(tcp),
+            udp_upstreams: list(udp),
+            limits: Limits::default(),
+            tracing: Default::default(),
+            capture: Default::default(),
+            dns_refresh: weft_proxy::resolve::DEFAULT_INTERVAL,
+        }
+    };
+    for (cfg, expect) in [
+        (
+            wrong(&["echo-udp"], &[]),
+            "give its listener as SERVICE=ADDR/udp",
+        ),
+        (wrong(&[], &["web"]), "only for protocol = \"udp\" services"),
+    ] {
+        match Sidecar::start(cfg).await {
+            Ok(_) => panic!("a mismatched upstream was accepted"),
+            Err(e) => assert!(e.to_string().contains(expect), "{e}"),
+        }
+    }
+    client.shutdown().await;
+    server.shutdown().await;
 }
