@@ -47,6 +47,15 @@ impl TestCa {
         format!("spiffe://{}/ns/test/sa/{name}", self.ca.trust_domain())
     }
 
+    /// Write `name`'s certificate, key and bundle (1 h) where `--cert-dir DIR` reads them.
+    pub fn write_certs(&self, name: &str, dir: &std::path::Path) {
+        self.ca
+            .issue(&self.id(name), Duration::from_secs(3600))
+            .expect("issue")
+            .write_to(dir)
+            .expect("write certs");
+    }
+
     pub fn creds_for(&self, id: &str, ttl: Duration) -> Credentials {
         let issued = self.ca.issue(id, ttl).expect("issue");
         Credentials::from_pem(
@@ -351,6 +360,69 @@ pub fn bin(name: &str) -> PathBuf {
         built.push(name.to_string());
     }
     path
+}
+
+/// A `weft sidecar` process from [`start_weft`], killed when dropped.
+pub struct WeftProcess {
+    pub child: tokio::process::Child,
+    /// Its `weft sidecar ready: …` line.
+    pub ready: String,
+    /// Everything it writes to stderr, once it exits.
+    pub stderr: tokio::task::JoinHandle<String>,
+}
+
+impl WeftProcess {
+    /// A `key=value` field of the ready line, e.g. `field("admin=")`.
+    pub fn field(&self, key: &str) -> &str {
+        self.ready
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(key))
+            .unwrap_or_else(|| panic!("no {key} in {:?}", self.ready))
+    }
+
+    /// The admin address from the ready line.
+    pub fn admin(&self) -> SocketAddr {
+        self.field("admin=").parse().expect("admin address")
+    }
+}
+
+/// Spawn `cmd` (a `weft sidecar …`, maybe behind `ip netns exec` or
+/// `setpriv`) with its output piped, and wait for its ready line; panics
+/// with its stderr if it exits first. Its stdout keeps being drained and
+/// its stderr collected, so it never blocks on a full pipe.
+pub async fn start_weft(mut cmd: tokio::process::Command) -> WeftProcess {
+    use tokio::io::AsyncBufReadExt;
+    let mut child = cmd
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn weft sidecar");
+    let mut stdout = tokio::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let mut err_pipe = child.stderr.take().expect("stderr");
+    let stderr = tokio::spawn(async move {
+        let mut s = String::new();
+        let _ = err_pipe.read_to_string(&mut s).await;
+        s
+    });
+    let ready = loop {
+        match stdout.next_line().await.expect("read stdout") {
+            Some(l) if l.starts_with("weft sidecar ready:") => break l,
+            Some(_) => continue,
+            None => {
+                let status = child.wait().await;
+                let err = stderr.await.unwrap_or_default();
+                panic!("weft sidecar exited before it was ready: {status:?}\n{err}");
+            }
+        }
+    };
+    tokio::spawn(async move { while let Ok(Some(_)) = stdout.next_line().await {} });
+    WeftProcess {
+        child,
+        ready,
+        stderr,
+    }
 }
 
 /// Poll `f` until it returns true or `timeout` passes (readiness, not sleep-as-sync).

@@ -16,7 +16,6 @@ use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -26,7 +25,6 @@ use rcgen::{
     KeyPair, KeyUsagePurpose, SanType,
 };
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::net::TcpListener;
 use weft_ca::k8s::{KubernetesConfig, TOKEN_REVIEW_PATH};
 use weft_ca::server::ServeOptions;
@@ -903,42 +901,15 @@ async fn weft_sidecar_with_k8s_token_file_starts_with_that_identity() {
         std::fs::write(d.join("ca-bundle.pem"), ca.ca.bundle_pem()).expect("bundle");
         std::fs::write(d.join("token"), "sa-payment-1").expect("token");
 
-        let mut child = tokio::process::Command::new(bin("weft"))
-            .current_dir(d)
+        let mut cmd = tokio::process::Command::new(bin("weft"));
+        cmd.current_dir(d)
             .env_remove("RUST_LOG")
             .args(["sidecar", "--mesh", "mesh.toml", "--ca", &ca.url])
             .args(["--ca-bundle", "ca-bundle.pem", "--k8s-token-file", "token"])
-            .args(["--inbound", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("spawn weft sidecar");
-        let mut stdout = BufReader::new(child.stdout.take().expect("stdout")).lines();
-        let mut stderr = child.stderr.take().expect("stderr");
-        let line = loop {
-            match stdout.next_line().await.expect("read stdout") {
-                Some(l) if l.starts_with("weft sidecar ready:") => break l,
-                Some(_) => continue,
-                None => {
-                    let mut err = String::new();
-                    let _ = stderr.read_to_string(&mut err).await;
-                    panic!(
-                        "weft sidecar exited before it was ready: {:?}\n{err}",
-                        child.wait().await
-                    );
-                }
-            }
-        };
-        tokio::spawn(async move { while let Ok(Some(_)) = stdout.next_line().await {} });
-        tokio::spawn(async move { tokio::io::copy(&mut stderr, &mut tokio::io::sink()).await });
-        let field = |name: &str| {
-            line.split_whitespace()
-                .find_map(|w| w.strip_prefix(name))
-                .unwrap_or_else(|| panic!("{name} in {line:?}"))
-                .to_string()
-        };
+            .args(["--inbound", "127.0.0.1:0", "--admin", "127.0.0.1:0"]);
+        let mut process = start_weft(cmd).await;
+        let field = |name: &str| process.field(name).to_string();
+        let line = process.ready.clone();
         assert_eq!(field("identity="), SHOP_PAYMENT, "{line}");
         let admin: SocketAddr = field("admin=").parse().expect("admin address");
         let (identity, _) = certs(admin).await;
@@ -946,7 +917,7 @@ async fn weft_sidecar_with_k8s_token_file_starts_with_that_identity() {
         let (status, _) = admin_get(admin, "/ready").await;
         assert_eq!(status, 200);
         assert_eq!(api.reviews.lock().expect("lock").len(), 1);
-        child.kill().await.expect("stop weft sidecar");
+        process.child.kill().await.expect("stop weft sidecar");
     })
     .await
     .expect("test timed out");

@@ -7,8 +7,7 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 use weft_tests::*;
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -192,46 +191,17 @@ async fn demo_runs_and_all_traffic_succeeds() {
 
 /// A running `weft sidecar` and what its ready line said.
 struct Running {
-    _child: Child,
+    _process: WeftProcess,
     admin: SocketAddr,
     upstreams: Vec<(String, SocketAddr)>,
 }
 
 /// Start `cmd` and wait for its "weft sidecar ready:" line.
-async fn start_sidecar(mut cmd: Command) -> Running {
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn weft sidecar");
-    let mut stdout = BufReader::new(child.stdout.take().expect("stdout")).lines();
-    let mut stderr = child.stderr.take().expect("stderr");
-    let line = loop {
-        match stdout.next_line().await.expect("read stdout") {
-            Some(l) if l.starts_with("weft sidecar ready:") => break l,
-            Some(_) => continue,
-            None => {
-                let mut err = String::new();
-                let _ = stderr.read_to_string(&mut err).await;
-                panic!(
-                    "weft sidecar exited before it was ready: {:?}\n{err}",
-                    child.wait().await
-                );
-            }
-        }
-    };
-    // Keep draining both pipes so the sidecar never blocks on a full one.
-    tokio::spawn(async move { while let Ok(Some(_)) = stdout.next_line().await {} });
-    tokio::spawn(async move { tokio::io::copy(&mut stderr, &mut tokio::io::sink()).await });
-    let field = |name: &str| {
-        line.split_whitespace()
-            .find_map(|w| w.strip_prefix(name))
-            .unwrap_or_else(|| panic!("{name} in {line:?}"))
-            .to_string()
-    };
-    let admin = field("admin=").parse().expect("admin address");
-    let list = field("upstreams=");
-    let upstreams = list
+async fn start_sidecar(cmd: Command) -> Running {
+    let process = start_weft(cmd).await;
+    let admin = process.admin();
+    let upstreams = process
+        .field("upstreams=")
         .trim_start_matches('[')
         .trim_end_matches(']')
         .split(',')
@@ -242,7 +212,7 @@ async fn start_sidecar(mut cmd: Command) -> Running {
         })
         .collect();
     Running {
-        _child: child,
+        _process: process,
         admin,
         upstreams,
     }

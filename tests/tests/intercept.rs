@@ -17,10 +17,9 @@
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::path::Path;
-use std::process::Stdio;
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use weft_tests::*;
 
 const LIMIT: Duration = Duration::from_secs(120);
@@ -116,54 +115,23 @@ fn link(a: &Netns, a_if: &str, a_addrs: &[&str], b: &Netns, b_if: &str, b_addrs:
     }
 }
 
-/// A `weft sidecar` process in a namespace, as UID/GID 1337, killed on drop.
-struct SidecarProc {
-    child: tokio::process::Child,
-}
-
-impl SidecarProc {
-    async fn start(ns: &Netns, args: &[&str]) -> SidecarProc {
-        let weft = bin("weft");
-        let mut cmd = tokio::process::Command::new("ip");
-        cmd.args(["netns", "exec", &ns.name, "setpriv"])
-            .arg(format!("--reuid={PROXY_UID}"))
-            .arg(format!("--regid={PROXY_UID}"))
-            .args(["--clear-groups", "--"])
-            .arg(&weft)
-            .arg("sidecar")
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true);
-        let mut child = cmd.spawn().expect("spawn weft sidecar");
-        let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-        loop {
-            match lines.next_line().await.expect("read stdout") {
-                Some(l) if l.starts_with("weft sidecar ready:") => break,
-                Some(_) => continue,
-                None => panic!("weft sidecar in {} exited before it was ready", ns.name),
-            }
-        }
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        SidecarProc { child }
-    }
-}
-
-impl Drop for SidecarProc {
-    fn drop(&mut self) {
-        let _ = self.child.start_kill();
-    }
+/// Start a `weft sidecar` process in a namespace, as UID/GID 1337.
+async fn sidecar_in(ns: &Netns, args: &[&str]) -> WeftProcess {
+    let mut cmd = tokio::process::Command::new("ip");
+    cmd.args(["netns", "exec", &ns.name, "setpriv"])
+        .arg(format!("--reuid={PROXY_UID}"))
+        .arg(format!("--regid={PROXY_UID}"))
+        .args(["--clear-groups", "--"])
+        .arg(bin("weft"))
+        .arg("sidecar")
+        .args(args);
+    start_weft(cmd).await
 }
 
 /// Certificates for `name` in a directory the sidecar's UID can read.
 fn cert_dir(ca: &TestCa, root: &Path, name: &str) -> String {
     let dir = root.join(name);
-    ca.ca
-        .issue(&ca.id(name), Duration::from_secs(3600))
-        .expect("issue")
-        .write_to(&dir)
-        .expect("write certs");
+    ca.write_certs(name, &dir);
     dir.to_string_lossy().into_owned()
 }
 
@@ -366,7 +334,7 @@ async fn scenario() {
     let nat = a.exec("iptables", &["-t", "nat", "-S", "OUTPUT"]);
     assert_eq!(nat.matches("WEFT_OUTPUT").count(), 1, "{nat}");
 
-    let _server = SidecarProc::start(
+    let _server = sidecar_in(
         &b,
         &[
             "--mesh",
@@ -380,7 +348,7 @@ async fn scenario() {
         ],
     )
     .await;
-    let _client = SidecarProc::start(
+    let _client = sidecar_in(
         &a,
         &[
             "--mesh",

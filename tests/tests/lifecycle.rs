@@ -14,13 +14,11 @@
 //! - SIGTERM to a real `weft sidecar` process drains and exits 0.
 
 use std::net::SocketAddr;
-use std::path::Path;
-use std::process::Stdio;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use weft_proxy::cli::{Cli, Command};
 use weft_proxy::mesh::Protocol;
 use weft_proxy::{Limits, Mesh, Sidecar};
@@ -28,18 +26,6 @@ use weft_tests::fleet::{background, spec, Client, Fleet, Server, RELOAD_INTERVAL
 use weft_tests::*;
 
 const LIMIT: Duration = Duration::from_secs(120);
-
-/// Write the certificate of `name` where `--cert-dir` reads it.
-fn write_certs(ca: &TestCa, name: &str, dir: &Path) {
-    let issued = ca
-        .ca
-        .issue(&ca.id(name), Duration::from_secs(3600))
-        .expect("issue");
-    std::fs::create_dir_all(dir).expect("cert dir");
-    std::fs::write(dir.join("cert.pem"), issued.cert_chain_pem).expect("cert.pem");
-    std::fs::write(dir.join("key.pem"), issued.key_pem).expect("key.pem");
-    std::fs::write(dir.join("bundle.pem"), issued.bundle_pem).expect("bundle.pem");
-}
 
 /// A sidecar started the way a restarted process starts one: from flags
 /// (`weft sidecar --inbound ADDR …`), on an address its predecessor may
@@ -87,7 +73,7 @@ async fn start_for(
     inbound: SocketAddr,
 ) -> Sidecar {
     let certs = fleet.dir.path().join(format!("certs-{}", app.name));
-    write_certs(&fleet.ca, &app.name, &certs);
+    fleet.ca.write_certs(&app.name, &certs);
     let flags: Vec<String> = [
         "--mesh",
         &fleet.mesh_path.display().to_string(),
@@ -509,7 +495,7 @@ async fn weft_process(drain_timeout: &str) -> Process {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
     let ca = TestCa::new(TD);
-    write_certs(&ca, "payment", &d.join("certs"));
+    ca.write_certs("payment", &d.join("certs"));
     let app = weft_tests::fleet::BehavingApp::start("payment").await;
     // The mesh file names the server's port before it runs: take a free
     // one and release it (another process could grab it meanwhile; the
@@ -521,43 +507,20 @@ async fn weft_process(drain_timeout: &str) -> Process {
         format!("trust_domain = \"{TD}\"\n[services.payment]\nendpoints = [\"{inbound}\"]\n");
     std::fs::write(d.join("mesh.toml"), &text).expect("mesh");
 
-    let mut child = tokio::process::Command::new(bin("weft"))
-        .current_dir(d)
+    let mut cmd = tokio::process::Command::new(bin("weft"));
+    cmd.current_dir(d)
         .env_remove("RUST_LOG")
         .args(["sidecar", "--mesh", "mesh.toml", "--cert-dir", "certs"])
         .args(["--inbound", &inbound.to_string(), "--admin", "127.0.0.1:0"])
         .args(["--app", &app.addr.to_string()])
-        .env("WEFT_DRAIN_TIMEOUT", drain_timeout)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn weft sidecar");
-    let mut stdout = BufReader::new(child.stdout.take().expect("stdout")).lines();
-    let line = loop {
-        match stdout.next_line().await.expect("stdout") {
-            Some(l) if l.starts_with("weft sidecar ready:") => break l,
-            Some(_) => continue,
-            None => panic!(
-                "weft sidecar exited before it was ready: {:?}",
-                child.wait().await
-            ),
-        }
-    };
-    tokio::spawn(async move { while let Ok(Some(_)) = stdout.next_line().await {} });
-    let stderr = child.stderr.take().expect("stderr");
-    let logs = tokio::spawn(async move {
-        let mut s = String::new();
-        let _ = BufReader::new(stderr).read_to_string(&mut s).await;
-        s
-    });
-    let admin: SocketAddr = line
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("admin="))
-        .and_then(|a| a.parse().ok())
-        .unwrap_or_else(|| panic!("admin address in {line:?}"));
-
+        .env("WEFT_DRAIN_TIMEOUT", drain_timeout);
+    let process = start_weft(cmd).await;
+    let admin = process.admin();
+    let WeftProcess {
+        child,
+        stderr: logs,
+        ..
+    } = process;
     let m = Mesh::parse(&text, "mesh.toml").expect("mesh");
     let client_sidecar = sidecar(
         &m,

@@ -10,9 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use std::process::Stdio;
-
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 use weft_proxy::mesh::{Mesh, Protocol};
@@ -209,46 +207,16 @@ async fn dead_peer_is_detected_within_the_idle_timeout_and_used_again_when_back(
     .expect("test timed out");
 }
 
-/// Write the certificate of `name` where `--cert-dir` reads it.
-fn write_certs(ca: &TestCa, name: &str, dir: &std::path::Path) {
-    let issued = ca
-        .ca
-        .issue(&ca.id(name), Duration::from_secs(3600))
-        .expect("issue");
-    std::fs::create_dir_all(dir).expect("cert dir");
-    std::fs::write(dir.join("cert.pem"), issued.cert_chain_pem).expect("cert.pem");
-    std::fs::write(dir.join("key.pem"), issued.key_pem).expect("key.pem");
-    std::fs::write(dir.join("bundle.pem"), issued.bundle_pem).expect("bundle.pem");
-}
-
 /// A `weft sidecar` process in `dir` (mesh.toml, certs/) on `inbound`, in
 /// front of `app`; returns once it says it is ready.
 async fn weft_process(dir: &std::path::Path, inbound: SocketAddr, app: SocketAddr) -> Child {
-    let mut child = Command::new(bin("weft"))
-        .current_dir(dir)
+    let mut cmd = Command::new(bin("weft"));
+    cmd.current_dir(dir)
         .env_remove("RUST_LOG")
         .args(["sidecar", "--mesh", "mesh.toml", "--cert-dir", "certs"])
         .args(["--inbound", &inbound.to_string(), "--admin", "127.0.0.1:0"])
-        .args(["--app", &app.to_string()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn weft sidecar");
-    let mut stdout = BufReader::new(child.stdout.take().expect("stdout")).lines();
-    loop {
-        match stdout.next_line().await.expect("stdout") {
-            Some(l) if l.starts_with("weft sidecar ready:") => break,
-            Some(_) => continue,
-            None => panic!(
-                "weft sidecar exited before it was ready: {:?}",
-                child.wait().await
-            ),
-        }
-    }
-    tokio::spawn(async move { while let Ok(Some(_)) = stdout.next_line().await {} });
-    child
+        .args(["--app", &app.to_string()]);
+    start_weft(cmd).await.child
 }
 
 /// A peer sidecar process SIGKILLed (no close frame, no drain: the client
@@ -260,7 +228,7 @@ async fn killed_peer_process_is_detected_within_the_idle_timeout_and_its_restart
     tokio::time::timeout(Duration::from_secs(90), async {
         let ca = TestCa::new(TD);
         let dir = tempfile::tempdir().expect("tempdir");
-        write_certs(&ca, "a", &dir.path().join("certs"));
+        ca.write_certs("a", &dir.path().join("certs"));
         let placeholder = mesh(TD, &[("payment", Protocol::Http)]);
         let app_a = BehavingApp::start("a").await;
         let app_b = BehavingApp::start("b").await;
