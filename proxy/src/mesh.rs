@@ -68,7 +68,9 @@ pub struct Mesh {
 pub struct Service {
     pub name: String,
     pub protocol: Protocol,
-    /// The app port on the peer for this service; 0 means the peer's default app.
+    /// The app port on the peer for this service; 0 means the peer's default
+    /// app. A UDP service's flows go to this port on the peer's `--app` host
+    /// (127.0.0.1 without `--app`).
     pub port: u16,
     /// No duplicate addresses. Never empty in a checked mesh file unless
     /// `endpoint_names` has entries; those are resolved into more endpoints

@@ -277,3 +277,58 @@ pub(crate) fn send(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::{parse_text, sum};
+
+    fn dropped(m: &Metrics, service: &str, why: &str) -> f64 {
+        sum(
+            &parse_text(&m.encode_prometheus()),
+            "weft_udp_dropped_datagrams_total",
+            &[
+                ("direction", "inbound"),
+                ("service", service),
+                ("reason", why),
+            ],
+        )
+    }
+
+    #[tokio::test]
+    async fn datagrams_reach_their_flow_or_are_counted_by_reason() {
+        let m = Metrics::new();
+        let table = FlowTable::default();
+        let counters = Counters::new(&m, crate::metrics::INBOUND, "dns");
+        let (tx, mut rx) = mpsc::channel(1);
+        table.insert(4, tx, counters.clone());
+        table.deliver(&m, crate::metrics::INBOUND, datagram::encode(4, b"query"));
+        assert_eq!(rx.try_recv().ok().as_deref(), Some(&b"query"[..]));
+        // The queue holds one: the second of two is dropped.
+        table.deliver(&m, crate::metrics::INBOUND, datagram::encode(4, b"a"));
+        table.deliver(&m, crate::metrics::INBOUND, datagram::encode(4, b"b"));
+        assert_eq!(dropped(&m, "dns", reason::QUEUE_FULL), 1.0);
+        // Unknown flow, unknown context, truncated header.
+        table.deliver(&m, crate::metrics::INBOUND, datagram::encode(5, b"x"));
+        table.deliver(
+            &m,
+            crate::metrics::INBOUND,
+            Bytes::from_static(&[4, 1, 0xAA]),
+        );
+        table.deliver(&m, crate::metrics::INBOUND, Bytes::from_static(&[0x40]));
+        assert_eq!(dropped(&m, UNKNOWN_SERVICE, reason::NO_FLOW), 1.0);
+        assert_eq!(dropped(&m, UNKNOWN_SERVICE, reason::MALFORMED), 2.0);
+        // A flow whose task is gone (its receiver dropped): no_flow, by service.
+        drop(rx);
+        table.deliver(&m, crate::metrics::INBOUND, datagram::encode(4, b"late"));
+        assert_eq!(dropped(&m, "dns", reason::NO_FLOW), 1.0);
+        table.remove(4);
+        table.deliver(&m, crate::metrics::INBOUND, datagram::encode(4, b"later"));
+        assert_eq!(dropped(&m, UNKNOWN_SERVICE, reason::NO_FLOW), 2.0);
+        // The active-flow gauge follows the guard.
+        let flow = counters.open_flow();
+        assert_eq!(counters.active.get(), 1);
+        drop(flow);
+        assert_eq!(counters.active.get(), 0);
+    }
+}
