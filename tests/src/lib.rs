@@ -5,6 +5,7 @@
 
 pub mod fleet;
 pub mod impair;
+pub mod netns;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

@@ -16,105 +16,17 @@
 //! (replies reach the right client address, idle flows end).
 
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
 use std::process::Stdio;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use weft_proxy::mesh::Mesh;
 use weft_proxy::{IdentitySource, Limits, Sidecar, SidecarConfig};
+use weft_tests::netns::Netns;
 use weft_tests::*;
 
 /// Distinct names dnsmasq answers, each with its own address.
 const NAMES: usize = 50;
-
-/// A network namespace, deleted when its owner drops.
-struct Netns {
-    name: String,
-    owner: bool,
-}
-
-impl Netns {
-    fn new(tag: &str) -> Netns {
-        let name = format!("weft-{}-{tag}", std::process::id());
-        run("ip", &["netns", "add", &name]);
-        let ns = Netns { name, owner: true };
-        ns.exec("ip", &["link", "set", "lo", "up"]);
-        ns
-    }
-
-    /// Run a command inside the namespace; returns its stdout.
-    fn exec(&self, cmd: &str, args: &[&str]) -> String {
-        let mut all = vec!["netns", "exec", self.name.as_str(), cmd];
-        all.extend_from_slice(args);
-        run("ip", &all)
-    }
-
-    /// A command that will run inside the namespace.
-    fn command(&self, cmd: &str) -> tokio::process::Command {
-        let mut c = tokio::process::Command::new("ip");
-        c.args(["netns", "exec", &self.name, cmd]);
-        c
-    }
-
-    /// Run `f`'s future on a thread whose network namespace is this one:
-    /// every socket it opens (sidecars, apps) lives in the namespace.
-    fn run<F, Fut, T>(&self, f: F) -> T
-    where
-        F: FnOnce() -> Fut + Send + 'static,
-        Fut: std::future::Future<Output = T>,
-        T: Send + 'static,
-    {
-        let path = format!("/var/run/netns/{}", self.name);
-        std::thread::spawn(move || {
-            let file = std::fs::File::open(&path).expect("open netns");
-            // SAFETY: setns on a valid namespace fd affects only this thread.
-            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime")
-                .block_on(f())
-        })
-        .join()
-        .expect("namespace thread")
-    }
-}
-
-impl Netns {
-    /// Another handle on the namespace, which does not delete it.
-    fn handle(&self) -> Netns {
-        Netns {
-            name: self.name.clone(),
-            owner: false,
-        }
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        if !self.owner {
-            return;
-        }
-        let _ = std::process::Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
-}
-
-fn run(cmd: &str, args: &[&str]) -> String {
-    let out = std::process::Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("running {cmd}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 /// dnsmasq on `127.0.0.1:port` in the namespace, killed (by PID) on drop.
 struct Dnsmasq {
