@@ -25,7 +25,7 @@ fn broken_mesh_file_lists_every_error_with_positions() {
     let path = dir.path().join("mesh.toml");
     std::fs::write(
         &path,
-        "trust_domain = \"example.org\"\n[services.a]\nprotocol = \"udp\"\nendpoints = [\"nope\"]\n",
+        "trust_domain = \"example.org\"\n[services.a]\nprotocol = \"sctp\"\nendpoints = [\"nope\"]\n",
     )
     .expect("write");
     let out = Command::new(env!("CARGO_BIN_EXE_weft"))
