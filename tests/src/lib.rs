@@ -333,9 +333,12 @@ pub fn quic_connections(samples: &[Sample], direction: &str, alpn: &str) -> f64 
     )
 }
 
-/// Path of a workspace binary (`weft`, `weft-ca`), brought up to date by
-/// cargo once per test process (a stale binary would test old code; when it
-/// is current this costs a no-op build).
+/// Path of a workspace binary (`weft`, `weft-ca`), built by cargo for the
+/// integration tests of its own crate (`cargo test --workspace` builds both);
+/// built on demand if missing. A partial `cargo test -p weft-tests` can leave
+/// it stale: run `cargo build --workspace` first. (Rebuilding it from here
+/// is worse: `cargo build -p` unifies features differently from the
+/// workspace build and relinks the binary for minutes inside a test.)
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
     // target/debug/deps/<test> -> target/debug/<name>
@@ -345,9 +348,7 @@ pub fn bin(name: &str) -> PathBuf {
         .expect("target dir")
         .to_path_buf();
     let path = dir.join(name);
-    static BUILT: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
-    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
-    if !built.iter().any(|b| b == name) {
+    if !path.exists() {
         let pkg = if name == "weft" {
             "weft-proxy"
         } else {
@@ -358,7 +359,6 @@ pub fn bin(name: &str) -> PathBuf {
             .status()
             .expect("cargo build");
         assert!(status.success(), "building {name}");
-        built.push(name.to_string());
     }
     path
 }
