@@ -363,6 +363,23 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
+/// The workspace root (the directory above `tests/`).
+pub fn repo_root() -> PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
+/// `name` from PATH, if it is there.
+pub fn which(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join(name))
+            .find(|p| p.is_file())
+    })
+}
+
 /// A `weft sidecar` process from [`start_weft`], killed when dropped.
 pub struct WeftProcess {
     pub child: tokio::process::Child,

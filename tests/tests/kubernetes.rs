@@ -21,27 +21,19 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use weft_proxy::inject::yaml::{self, Value};
-use weft_tests::bin;
+use weft_tests::{bin, repo_root, which};
 
 /// The newest Kubernetes whose schemas kubernetes-validate 1.37.0 bundles.
 /// Native sidecars (`restartPolicy` on init containers) need ≥ 1.29.
 const KUBERNETES_VERSION: &str = "1.37.0";
 
 fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_path_buf()
+    repo_root()
 }
 
 /// A tool from PATH, or a failure saying how to install it.
 fn tool(name: &str) -> PathBuf {
-    let found = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|dir| dir.join(name))
-            .find(|p| p.is_file())
-    });
-    found.unwrap_or_else(|| {
+    which(name).unwrap_or_else(|| {
         panic!(
             "`{name}` is not in PATH. These tests need kubectl (Kustomize v5) and \
              kubernetes-validate: `pip install kubernetes-validate==1.37.0` and, without \

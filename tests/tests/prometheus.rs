@@ -13,7 +13,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,20 +29,12 @@ use weft_tests::*;
 const LIMIT: Duration = Duration::from_secs(120);
 
 fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_path_buf()
+    repo_root()
 }
 
 /// A tool from PATH, or a failure saying how to install it.
 fn tool(name: &str) -> PathBuf {
-    let found = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|dir| dir.join(name))
-            .find(|p| p.is_file())
-    });
-    found.unwrap_or_else(|| {
+    which(name).unwrap_or_else(|| {
         panic!(
             "`{name}` is not in PATH. These tests need Debian's Prometheus tools: \
              `apt-get install prometheus prometheus-alertmanager` (.ci/run installs them)"
