@@ -4,6 +4,10 @@
 #   bash fuzz/run.sh [SECS] [TARGET...]
 # Needs cargo-fuzz (`cargo install cargo-fuzz`); on a stable toolchain,
 # RUSTC_BOOTSTRAP=1 lets it use the sanitizer flags.
+# Each target's property is a function in tests/src/fuzz.rs; `cargo test`
+# runs the same functions over the seeds and seeded mutations of them for a
+# few seconds (tests/tests/fuzz_smoke.rs). An input that fails here belongs
+# in seeds/<target>/ once fixed: the smoke then replays it on every run.
 set -euo pipefail
 cd "$(dirname "$0")"
 secs=${1:-600}

@@ -4,6 +4,7 @@
 //! real QUIC with real mTLS.
 
 pub mod fleet;
+pub mod fuzz;
 pub mod impair;
 pub mod netns;
 
