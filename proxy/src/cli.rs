@@ -195,6 +195,11 @@ pub struct SidecarArgs {
     /// (or are retried) and new ones go to other endpoints until it answers a handshake.
     #[arg(long, env = "WEFT_QUIC_IDLE_TIMEOUT", value_name = "DURATION", default_value = "15s", value_parser = humantime::parse_duration)]
     pub quic_idle_timeout: Duration,
+    /// Reconnect to known peers with 0-RTT: safe HTTP requests (GET, HEAD, OPTIONS,
+    /// TRACE) and TCP streams of services marked `early_data = true` go out with the
+    /// first packet instead of after the handshake (docs/quic.md: replay risk).
+    #[arg(long, env = "WEFT_ZERO_RTT", value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
+    pub zero_rtt: bool,
     /// Runtime worker threads (the sidecar's share of CPU cores) [default: one per CPU].
     #[arg(long, env = "WEFT_WORKERS", value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub workers: Option<u16>,
@@ -371,6 +376,7 @@ impl SidecarArgs {
             max_connections: self.max_connections,
             quic_keep_alive: self.quic_keep_alive,
             quic_idle_timeout: self.quic_idle_timeout,
+            zero_rtt: self.zero_rtt,
         };
         limits.validate()?;
         Ok(SidecarConfig {

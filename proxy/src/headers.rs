@@ -22,6 +22,12 @@ pub const OVERFLOW: &str = "x-weft-overflow";
 pub const DENIED: &str = "x-weft-denied";
 /// Marks a response produced by fault injection.
 pub const FAULT: &str = "x-weft-fault";
+/// RFC 8470 §5.1: set to `1` on a request the sidecar received as 0-RTT
+/// early data (before its handshake with the caller's sidecar completed).
+/// An app that must not act on a request that might be replayed answers
+/// `425 Too Early`, and the caller's sidecar sends it again after the
+/// handshake.
+pub const EARLY_DATA: &str = "early-data";
 
 /// Fields that only ever describe one hop (RFC 9110 §7.6.1, plus the
 /// de-facto `keep-alive` and `proxy-connection`).

@@ -28,7 +28,8 @@ use crate::body::{self, ChannelBody};
 use crate::headers;
 use crate::lifecycle::{Gauge, Phase};
 use crate::metrics::{
-    QuicLabels, RequestDurationLabels, RequestLabels, StreamCount, TcpLabels, INBOUND,
+    EarlyDataLabels, QuicLabels, RequestDurationLabels, RequestLabels, StreamCount, TcpLabels,
+    INBOUND,
 };
 use crate::sidecar::Ctx;
 
@@ -57,10 +58,11 @@ pub(crate) async fn accept_loop(ctx: Arc<Ctx>, endpoint: MeshEndpoint) {
             continue;
         }
         let ctx2 = ctx.clone();
+        let endpoint = endpoint.clone();
         ctx.spawn(async move {
             let remote = incoming.remote_address();
-            let conn = match incoming.await {
-                Ok(c) => c,
+            let accepted = match endpoint.accept_early(incoming).await {
+                Ok(a) => a,
                 Err(e) => {
                     ctx2.metrics
                         .quic_handshake_failures
@@ -73,12 +75,62 @@ pub(crate) async fn accept_loop(ctx: Arc<Ctx>, endpoint: MeshEndpoint) {
                     return;
                 }
             };
-            connection(ctx2, conn).await;
+            let conn = accepted.conn.clone();
+            let handshake = accepted.handshake.map(|h| Handshake::new(h, conn));
+            connection(ctx2, accepted.conn, handshake).await;
         });
     }
 }
 
-async fn connection(ctx: Arc<Ctx>, conn: quinn::Connection) {
+/// The handshake of a connection that resumed a session and may carry 0-RTT
+/// early data: streams accepted before it completes are early data, which
+/// an attacker could have replayed (not here: tickets are single-use) and
+/// which a client should only send when replaying it is harmless.
+#[derive(Clone)]
+struct Handshake(futures::future::Shared<futures::future::BoxFuture<'static, bool>>);
+
+impl Handshake {
+    fn new(done: quinn::ZeroRttAccepted, conn: quinn::Connection) -> Handshake {
+        use futures::FutureExt;
+        // On a server quinn's value says nothing (false either way): the
+        // handshake succeeded if the connection is still open when it ends.
+        let ended = async move {
+            done.await;
+            conn.close_reason().is_none()
+        };
+        let h = Handshake(ended.boxed().shared());
+        // Polled to completion even if no stream waits for it, so that
+        // `pending` turns false when the handshake ends.
+        let driver = h.0.clone();
+        tokio::spawn(async move {
+            driver.await;
+        });
+        h
+    }
+
+    /// Whether the handshake is still going on (so what arrives is early
+    /// data). Polled here, not only read off the driver task: quinn settles
+    /// the handshake while processing the client's Finished, before any
+    /// 1-RTT stream data (RFC 9001 §5.7) can reach us, so a request sent
+    /// after the handshake is never taken for early data.
+    fn pending(&self) -> bool {
+        use futures::FutureExt;
+        self.0.clone().now_or_never().is_none()
+    }
+
+    /// Wait for the handshake: `false` if it failed (a replayed flight
+    /// never completes one), and then nothing early may go on.
+    async fn done(&self) -> bool {
+        self.0.clone().await
+    }
+}
+
+/// Whether a stream accepted now on a connection with `handshake` is early data.
+fn early(handshake: &Option<Handshake>) -> bool {
+    handshake.as_ref().is_some_and(Handshake::pending)
+}
+
+async fn connection(ctx: Arc<Ctx>, conn: quinn::Connection, handshake: Option<Handshake>) {
     let Some(peer) = weft_transport::tls::peer_id(&conn, ctx.tls.trust_domain()) else {
         // The verifier admitted the peer, so this cannot happen; refuse anyway.
         conn.close(1u32.into(), b"no peer identity");
@@ -111,9 +163,9 @@ async fn connection(ctx: Arc<Ctx>, conn: quinn::Connection) {
     let streams = ctx.metrics.quic_peers.track(INBOUND, peer.as_str(), &conn);
     tracing::debug!(%peer, remote = %conn.remote_address(), alpn = alpn_label, "peer connected");
     if alpn_label == "h3" {
-        h3_connection(&ctx, conn, peer, streams).await;
+        h3_connection(&ctx, conn, peer, streams, handshake).await;
     } else {
-        l4_connection(&ctx, conn, peer, streams).await;
+        l4_connection(&ctx, conn, peer, streams, handshake).await;
     }
     ctx.inbound_connections.fetch_sub(1, Ordering::Relaxed);
     active.dec();
@@ -124,6 +176,7 @@ async fn h3_connection(
     conn: quinn::Connection,
     peer: SpiffeId,
     streams: StreamCount,
+    handshake: Option<Handshake>,
 ) {
     let mut h3conn = match h3::server::builder()
         .max_field_section_size(ctx.limits.max_header_bytes as u64)
@@ -168,10 +221,11 @@ async fn h3_connection(
                 let peer = peer.clone();
                 let open = streams.open();
                 let busy = (local.enter(), ctx.activity.inbound_requests.enter());
+                let early = early(&handshake);
                 ctx.spawn(async move {
                     let _open = (open, busy);
                     match resolver.resolve_request().await {
-                        Ok((req, stream)) => h3_request(ctx2, &peer, req, stream).await,
+                        Ok((req, stream)) => h3_request(ctx2, &peer, req, stream, early).await,
                         Err(e) => {
                             ctx2.metrics.refuse("bad_request");
                             tracing::debug!(peer = %peer, error = %e, "bad HTTP/3 request");
@@ -229,7 +283,13 @@ async fn drained(
 
 type ServerStream = h3::server::RequestStream<h3_quinn::BidiStream<Bytes>, Bytes>;
 
-async fn h3_request(ctx: Arc<Ctx>, peer: &SpiffeId, req: Request<()>, stream: ServerStream) {
+async fn h3_request(
+    ctx: Arc<Ctx>,
+    peer: &SpiffeId,
+    req: Request<()>,
+    stream: ServerStream,
+    early: bool,
+) {
     let start = Instant::now();
     let service = req.uri().host().map(str::to_string).unwrap_or_default();
     let mut req = req;
@@ -244,7 +304,16 @@ async fn h3_request(ctx: Arc<Ctx>, peer: &SpiffeId, req: Request<()>, stream: Se
     }
     let access = ctx.tracer.http_log(INBOUND, &service, &req);
     let (mut send, recv) = stream.split();
-    let resp = forward_to_app(&ctx, peer, &service, req, recv).await;
+    if early {
+        ctx.metrics
+            .early_data
+            .get_or_create(&EarlyDataLabels {
+                direction: INBOUND,
+                alpn: "h3",
+            })
+            .inc();
+    }
+    let resp = forward_to_app(&ctx, peer, &service, req, recv, early).await;
     let status = resp.status();
     span.finish(&ctx.tracer, &resp);
     let resp = access.respond(resp, peer.as_str(), None, None);
@@ -290,6 +359,7 @@ async fn forward_to_app(
     service: &str,
     req: Request<()>,
     mut recv: h3::server::RequestStream<h3_quinn::RecvStream, Bytes>,
+    early: bool,
 ) -> Response<body::ProxyBody> {
     use crate::outbound::error_response;
     // An answer that does not need the request body stops the peer sending
@@ -314,6 +384,19 @@ async fn forward_to_app(
             resp.headers_mut().insert(headers::DENIED, v);
         }
         return resp;
+    }
+    // Early data may be a replay: only requests that are safe to repeat
+    // are let through (Weft clients send no others early; RFC 8470 §5.2).
+    if early && !crate::retry::is_safe(req.method()) {
+        recv.stop_sending(h3::error::Code::H3_NO_ERROR);
+        ctx.metrics.refuse("too_early");
+        return error_response(
+            StatusCode::TOO_EARLY,
+            format!(
+                "weft: {} is not safe to replay, and came as 0-RTT early data",
+                req.method()
+            ),
+        );
     }
     let Some(app) = ctx.app else {
         recv.stop_sending(h3::error::Code::H3_NO_ERROR);
@@ -346,6 +429,11 @@ async fn forward_to_app(
     }
     if let Ok(id) = http::HeaderValue::from_str(peer.as_str()) {
         parts.headers.insert(headers::PEER_ID, id);
+    }
+    if early {
+        parts
+            .headers
+            .insert(headers::EARLY_DATA, http::HeaderValue::from_static("1"));
     }
     let (tx, chan) = ChannelBody::new();
     let pump = tokio::spawn(body::h3_to_channel(recv, tx));
@@ -404,6 +492,7 @@ async fn l4_connection(
     conn: quinn::Connection,
     peer: SpiffeId,
     streams: StreamCount,
+    handshake: Option<Handshake>,
 ) {
     let peer = Arc::new(peer);
     // UDP flows on this connection, and the reader of its datagrams.
@@ -446,9 +535,10 @@ async fn l4_connection(
                 let open = streams.open();
                 let busy = (local.enter(), ctx.activity.inbound_streams.enter());
                 let udp = (conn.clone(), flows.clone());
+                let early = early(&handshake).then(|| handshake.clone()).flatten();
                 ctx.spawn(async move {
                     let _open = (open, busy);
-                    l4_stream(ctx2, &peer, udp, send, recv).await
+                    l4_stream(ctx2, &peer, udp, send, recv, early).await
                 });
             }
             Err(e) => {
@@ -465,6 +555,7 @@ async fn l4_stream(
     (conn, flows): (quinn::Connection, Arc<crate::udp::FlowTable>),
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
+    early: Option<Handshake>,
 ) {
     let req = match tokio::time::timeout(
         PREAMBLE_TIMEOUT,
@@ -473,6 +564,12 @@ async fn l4_stream(
     .await
     {
         Ok(Ok((preamble::Kind::Udp, req))) => {
+            // Datagrams are not early data: wait for the handshake.
+            if let Some(h) = &early {
+                if !h.done().await {
+                    return;
+                }
+            }
             crate::udp::inbound::flow(ctx, peer, conn, flows, req, send, recv).await;
             return;
         }
@@ -489,10 +586,29 @@ async fn l4_stream(
             return;
         }
     };
-    let idle = match ctx.state.load().service(&req.target) {
-        Some(s) if s.protocol == crate::mesh::Protocol::Tcp => Some(s.policy.idle_timeout),
-        _ => None,
+    let (idle, early_ok) = match ctx.state.load().service(&req.target) {
+        Some(s) if s.protocol == crate::mesh::Protocol::Tcp => {
+            (Some(s.policy.idle_timeout), s.policy.early_data)
+        }
+        _ => (None, false),
     };
+    if let Some(h) = &early {
+        if early_ok {
+            ctx.metrics
+                .early_data
+                .get_or_create(&EarlyDataLabels {
+                    direction: INBOUND,
+                    alpn: "weft-l4",
+                })
+                .inc();
+        } else {
+            // Not declared safe to replay: its bytes reach the app only
+            // once the handshake is done (a replayed flight never gets there).
+            if !h.done().await {
+                return;
+            }
+        }
+    }
     let Some(idle) = idle else {
         ctx.metrics.refuse("unknown_service");
         let msg = format!("{} is not a TCP service of this mesh", req.target);

@@ -380,6 +380,9 @@ struct RawService {
     // UDP only. Default: none, a flow ends when idle (see policy.rs).
     #[serde(default)]
     replies_per_flow: Option<Spanned<u32>>,
+    // TCP only. Default: false, streams wait for the handshake.
+    #[serde(default)]
+    early_data: Option<Spanned<bool>>,
     // Default: the mesh's default_authorization.
     #[serde(default)]
     authorization: Option<Spanned<authz::RawAuthorization>>,
@@ -638,6 +641,7 @@ impl Checker<'_> {
             connect_timeout: raw.connect_timeout,
             idle_timeout: raw.idle_timeout,
             replies_per_flow: raw.replies_per_flow,
+            early_data: raw.early_data,
         };
         let (routes, policy) = self.policy(name, name_span, protocol, raw_policy, refs);
         let authorization = raw

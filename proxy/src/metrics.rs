@@ -75,6 +75,20 @@ pub struct QuicLabels {
     pub alpn: &'static str,
 }
 
+/// 0-RTT handshakes: which ALPN, and whether the peer took the early data.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ZeroRttLabels {
+    pub alpn: &'static str,
+    pub result: &'static str,
+}
+
+/// Requests and TCP streams carried as 0-RTT early data.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EarlyDataLabels {
+    pub direction: &'static str,
+    pub alpn: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
     pub reason: &'static str,
@@ -176,6 +190,8 @@ pub struct Metrics {
     pub quic_connections: Family<QuicLabels, Counter>,
     pub quic_active: Family<QuicLabels, Gauge>,
     pub quic_handshake_failures: Family<QuicLabels, Counter>,
+    pub zero_rtt: Family<ZeroRttLabels, Counter>,
+    pub early_data: Family<EarlyDataLabels, Counter>,
     pub refused: Family<ReasonLabels, Counter>,
     pub trace_spans_dropped: Family<ReasonLabels, Counter>,
     pub trace_spans_exported: Family<TraceExportLabels, Counter>,
@@ -223,6 +239,8 @@ impl Metrics {
             quic_connections: Family::default(),
             quic_active: Family::default(),
             quic_handshake_failures: Family::default(),
+            zero_rtt: Family::default(),
+            early_data: Family::default(),
             refused: Family::default(),
             trace_spans_dropped: Family::default(),
             trace_spans_exported: Family::default(),
@@ -329,6 +347,16 @@ impl Metrics {
             "weft_quic_handshake_failures",
             "QUIC handshakes that failed (bad or missing certificate, timeout)",
             m.quic_handshake_failures.clone(),
+        );
+        r.register(
+            "weft_quic_zero_rtt",
+            "Outbound handshakes that sent 0-RTT early data to a known peer, by whether the peer accepted it",
+            m.zero_rtt.clone(),
+        );
+        r.register(
+            "weft_early_data",
+            "Requests (h3) and TCP streams (weft-l4) sent or received as 0-RTT early data",
+            m.early_data.clone(),
         );
         r.register(
             "weft_refused",

@@ -97,6 +97,11 @@ pub enum Failure {
     Reset,
     /// No response head within the per-try timeout.
     PerTryTimeout,
+    /// Sent as 0-RTT early data that was not processed: the peer rejected
+    /// the early data (it no longer knew the session, e.g. it restarted),
+    /// or answered `425 Too Early`. Sent once more after the handshake,
+    /// even without a retry policy.
+    EarlyData,
     /// A response with this status.
     Status(u16),
 }
@@ -110,6 +115,7 @@ impl Failure {
             Self::Draining => "drain",
             Self::Reset => "reset",
             Self::PerTryTimeout => "per-try-timeout",
+            Self::EarlyData => "early-data",
             Self::Status(code) if *code >= 500 => "5xx",
             Self::Status(_) => "status",
         }
@@ -122,6 +128,7 @@ impl Failure {
             Self::ConnectFailure
                 | Self::RefusedStream
                 | Self::Draining
+                | Self::EarlyData
                 | Self::Reset
                 | Self::PerTryTimeout
         )
@@ -143,7 +150,10 @@ pub fn retryable(on: &[RetryOn], f: Failure) -> Option<RetryOn> {
 fn covers(c: RetryOn, f: Failure) -> bool {
     match c {
         RetryOn::ConnectFailure => f == Failure::ConnectFailure,
-        RetryOn::RefusedStream => matches!(f, Failure::RefusedStream | Failure::Draining),
+        RetryOn::RefusedStream => matches!(
+            f,
+            Failure::RefusedStream | Failure::Draining | Failure::EarlyData
+        ),
         RetryOn::Reset => matches!(f, Failure::Reset | Failure::PerTryTimeout),
         RetryOn::Status5xx => f.no_response() || matches!(f, Failure::Status(s) if s >= 500),
         RetryOn::GatewayError => f.no_response() || matches!(f, Failure::Status(502..=504)),
@@ -157,8 +167,16 @@ fn covers(c: RetryOn, f: Failure) -> bool {
 pub fn never_processed(f: Failure) -> bool {
     matches!(
         f,
-        Failure::ConnectFailure | Failure::RefusedStream | Failure::Draining
+        Failure::ConnectFailure | Failure::RefusedStream | Failure::Draining | Failure::EarlyData
     )
+}
+
+/// Safe methods per RFC 9110 §9.2.1: GET, HEAD, OPTIONS and TRACE. Only
+/// these go out as 0-RTT early data, which may be replayed (an idempotent
+/// PUT or DELETE replayed later could undo a newer write).
+pub fn is_safe(m: &http::Method) -> bool {
+    use http::Method;
+    [Method::GET, Method::HEAD, Method::OPTIONS, Method::TRACE].contains(m)
 }
 
 /// Idempotent methods per RFC 9110 §9.2.2: GET, HEAD, OPTIONS, TRACE, PUT and
@@ -513,6 +531,7 @@ mod tests {
         assert!(never_processed(Failure::ConnectFailure));
         assert!(never_processed(Failure::RefusedStream));
         assert!(never_processed(Failure::Draining));
+        assert!(never_processed(Failure::EarlyData));
         assert!(!never_processed(Failure::Reset));
         assert!(!never_processed(Failure::PerTryTimeout));
         assert!(!never_processed(Failure::Status(503)));

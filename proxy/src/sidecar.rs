@@ -18,13 +18,14 @@ use hyper_util::rt::TokioExecutor;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use weft_transport::endpoint::{ConnectError, EndpointOptions};
+use weft_transport::pool::EarlyOutcome;
 use weft_transport::{Credentials, MeshEndpoint, MeshTls, Pool, SpiffeId, ALPN_H3, ALPN_L4};
 
 use crate::body::ProxyBody;
 use crate::cluster::State;
 use crate::lifecycle::{Activity, DrainReport, Phase};
 use crate::mesh::{Mesh, Protocol};
-use crate::metrics::{Metrics, QuicLabels, OUTBOUND};
+use crate::metrics::{Metrics, QuicLabels, ZeroRttLabels, OUTBOUND};
 
 /// Where the sidecar's certificate comes from.
 #[derive(Clone)]
@@ -75,6 +76,10 @@ pub struct Limits {
     /// [`weft_transport::endpoint::IDLE_TIMEOUT`] and docs/quic.md).
     #[serde(serialize_with = "as_humantime")]
     pub quic_idle_timeout: std::time::Duration,
+    /// Reconnect to known peers with 0-RTT: safe HTTP requests (GET, HEAD,
+    /// OPTIONS, TRACE) and TCP streams of services with `early_data = true`
+    /// go out with the first flight (see docs/quic.md for the replay risk).
+    pub zero_rtt: bool,
 }
 
 fn as_humantime<S: serde::Serializer>(d: &std::time::Duration, s: S) -> Result<S::Ok, S::Error> {
@@ -110,6 +115,7 @@ impl Default for Limits {
             max_connections: 10_000,
             quic_keep_alive: weft_transport::endpoint::KEEP_ALIVE,
             quic_idle_timeout: weft_transport::endpoint::IDLE_TIMEOUT,
+            zero_rtt: true,
         }
     }
 }
@@ -170,10 +176,28 @@ pub(crate) type H3Sender = h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>
 /// The peer's SPIFFE ID, read once per pooled connection (not per request).
 pub(crate) type PeerId = Arc<str>;
 
-fn peer_of(conn: &quinn::Connection, trust_domain: &str) -> PeerId {
-    weft_transport::tls::peer_id(conn, trust_domain)
-        .map(|id| Arc::from(id.as_str()))
+fn peer_of(peer: Option<SpiffeId>) -> PeerId {
+    peer.map(|id| Arc::from(id.as_str()))
         .unwrap_or_else(|| Arc::from(""))
+}
+
+/// Counts 0-RTT handshakes of one pool by outcome.
+fn count_zero_rtt(
+    metrics: &Arc<Metrics>,
+    alpn: &'static str,
+) -> impl Fn(&EarlyOutcome) + Send + Sync + 'static {
+    let metrics = metrics.clone();
+    move |outcome| {
+        let result = match outcome {
+            EarlyOutcome::Accepted => "accepted",
+            EarlyOutcome::Rejected => "rejected",
+            EarlyOutcome::Failed(_) => "failed",
+        };
+        metrics
+            .zero_rtt
+            .get_or_create(&ZeroRttLabels { alpn, result })
+            .inc();
+    }
 }
 
 /// State shared by every task of one sidecar.
@@ -296,15 +320,14 @@ impl Sidecar {
         // Pooled connections report peers that drain (GOAWAY, DRAINING close).
         let (peer_events, peer_events_rx) = tokio::sync::mpsc::unbounded_channel();
 
-        let trust_domain: Arc<str> = Arc::from(cfg.mesh.trust_domain.as_str());
         let h3_pool = {
+            let count = count_zero_rtt(&metrics, "h3");
             let metrics = metrics.clone();
-            let td = trust_domain.clone();
             let max_header = cfg.limits.max_header_bytes as u64;
             let events = peer_events.clone();
-            Pool::with_setup(endpoint.clone(), ALPN_H3, move |conn| {
+            Pool::with_setup(endpoint.clone(), ALPN_H3, move |conn, peer| {
                 let metrics = metrics.clone();
-                let peer = peer_of(&conn, &td);
+                let peer = peer_of(peer);
                 let events = events.clone();
                 Box::pin(async move {
                     let addr = conn.remote_address();
@@ -322,17 +345,21 @@ impl Sidecar {
                     Ok((sender, peer))
                 })
             })
+            .zero_rtt(cfg.limits.zero_rtt)
+            .on_early_outcome(count)
         };
         let l4_pool = {
+            let count = count_zero_rtt(&metrics, "weft-l4");
             let metrics = metrics.clone();
-            let td = trust_domain.clone();
-            Pool::with_setup(endpoint.clone(), ALPN_L4, move |conn| {
+            Pool::with_setup(endpoint.clone(), ALPN_L4, move |conn, peer| {
                 track_outbound(&metrics, &conn, "weft-l4");
                 crate::outbound::watch_l4(conn.clone(), peer_events.clone());
-                let peer = peer_of(&conn, &td);
+                let peer = peer_of(peer);
                 metrics.quic_peers.track(OUTBOUND, &peer, &conn);
                 Box::pin(async move { Ok(peer) })
             })
+            .zero_rtt(cfg.limits.zero_rtt)
+            .on_early_outcome(count)
         };
 
         let mut http = HttpConnector::new();

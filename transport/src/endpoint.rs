@@ -122,6 +122,37 @@ pub enum ConnectError {
     Timeout { addr: SocketAddr, after: Duration },
     #[error("setting up connection to {addr}: {reason}")]
     Setup { addr: SocketAddr, reason: String },
+    /// A resumed session's peer no longer verifies (its certificate expired
+    /// since the ticket was issued, or its root left the bundle).
+    #[error("peer {addr} refused after resumption: {source}")]
+    Verify {
+        addr: SocketAddr,
+        source: rustls::Error,
+    },
+}
+
+/// A dial's result: a connection whose handshake is done, or one still in
+/// its handshake that already carries 0-RTT data ([`MeshEndpoint::connect_early`]).
+pub enum Dialed {
+    Established(quinn::Connection),
+    /// Streams opened now are sent as 0-RTT early data, which the peer may
+    /// reject (then they fail with `ZeroRttRejected` and the connection
+    /// goes on without them) and an attacker may replay: only for requests
+    /// that are safe to replay. The future resolves when the handshake is
+    /// done: `true` if the early data was accepted. The peer is not
+    /// verified until then: call [`MeshEndpoint::verify`] after it.
+    Early(quinn::Connection, quinn::ZeroRttAccepted),
+}
+
+/// What a server reads of an incoming connection before its handshake is
+/// done ([`MeshEndpoint::accept_early`]).
+pub struct Accepted {
+    pub conn: quinn::Connection,
+    /// Resolves when the handshake ends (its value means nothing on a
+    /// server: quinn gives `false` whether it succeeded or not; it did if
+    /// the connection is still open). Until then the connection is resuming a session and may
+    /// carry 0-RTT data from a peer already verified (below).
+    pub handshake: Option<quinn::ZeroRttAccepted>,
 }
 
 impl ConnectError {
@@ -181,13 +212,15 @@ impl MeshEndpoint {
     /// Bind the UDP socket and start serving handshakes.
     pub fn bind(tls: Arc<MeshTls>, opts: &EndpointOptions) -> Result<Self, BindError> {
         let transport = Arc::new(transport_config(opts));
-        let server_tls = tls.server_config(&[ALPN_H3, ALPN_L4])?;
+        let mut server_tls = tls.server_config_resumable(&[ALPN_H3, ALPN_L4])?;
+        // QUIC allows 0 (no early data) or all of it.
+        server_tls.max_early_data_size = u32::MAX;
         let server_crypto =
             QuicServerConfig::try_from(server_tls).map_err(|e| BindError::Quic(e.to_string()))?;
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(server_crypto));
         server.transport_config(transport.clone());
         let client = |alpn: &[u8]| -> Result<quinn::ClientConfig, BindError> {
-            let crypto = QuicClientConfig::try_from(tls.client_config(alpn)?)
+            let crypto = QuicClientConfig::try_from(tls.client_config_resumable(alpn)?)
                 .map_err(|e| BindError::Quic(e.to_string()))?;
             let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
             cfg.transport_config(transport.clone());
@@ -244,25 +277,74 @@ impl MeshEndpoint {
         &self.endpoint
     }
 
-    /// Dial `addr` with the given ALPN (`ALPN_H3` or `ALPN_L4`).
+    /// Dial `addr` with the given ALPN (`ALPN_H3` or `ALPN_L4`) and wait for
+    /// the handshake. A known peer may resume its session (one round trip
+    /// less of TLS work, no early data); its certificate is checked as in
+    /// a full handshake either way.
     pub async fn connect(
         &self,
         addr: SocketAddr,
         alpn: &[u8],
     ) -> Result<quinn::Connection, ConnectError> {
+        let connecting = self.connecting(addr, alpn)?;
+        self.established(addr, connecting).await
+    }
+
+    /// Dial `addr`, and if we hold a session ticket from it, return at once
+    /// with a connection that sends 0-RTT early data ([`Dialed::Early`]);
+    /// otherwise as [`MeshEndpoint::connect`].
+    pub async fn connect_early(
+        &self,
+        addr: SocketAddr,
+        alpn: &[u8],
+    ) -> Result<Dialed, ConnectError> {
+        match self.connecting(addr, alpn)?.into_0rtt() {
+            Ok((conn, accepted)) => Ok(Dialed::Early(conn, accepted)),
+            Err(connecting) => self
+                .established(addr, connecting)
+                .await
+                .map(Dialed::Established),
+        }
+    }
+
+    /// Verify the peer of a connection whose handshake is done (see
+    /// [`MeshTls::verify_connection`]); a peer that fails is closed.
+    pub fn verify(&self, addr: SocketAddr, conn: &quinn::Connection) -> Result<(), ConnectError> {
+        self.tls
+            .verify_connection(conn, webpki::KeyUsage::server_auth())
+            .map(|_| ())
+            .map_err(|source| {
+                conn.close(
+                    crate::pool::CERT_EXPIRED.into(),
+                    b"peer certificate refused",
+                );
+                ConnectError::Verify { addr, source }
+            })
+    }
+
+    fn connecting(&self, addr: SocketAddr, alpn: &[u8]) -> Result<quinn::Connecting, ConnectError> {
         let cfg = if alpn == ALPN_H3 {
             self.client_h3.clone()
         } else {
             self.client_l4.clone()
         };
         // The server name is not used for verification (the SPIFFE ID is);
-        // it only appears in SNI.
-        let connecting = self
-            .endpoint
-            .connect_with(cfg, addr, "weft.mesh")
-            .map_err(|source| ConnectError::Connect { addr, source })?;
+        // it keys the session tickets, one set per peer address.
+        self.endpoint
+            .connect_with(cfg, addr, &crate::tls::server_name_for(addr))
+            .map_err(|source| ConnectError::Connect { addr, source })
+    }
+
+    async fn established(
+        &self,
+        addr: SocketAddr,
+        connecting: quinn::Connecting,
+    ) -> Result<quinn::Connection, ConnectError> {
         match tokio::time::timeout(self.connect_timeout, connecting).await {
-            Ok(Ok(conn)) => Ok(conn),
+            Ok(Ok(conn)) => {
+                self.verify(addr, &conn)?;
+                Ok(conn)
+            }
             Ok(Err(source)) => Err(ConnectError::Handshake { addr, source }),
             Err(_) => Err(ConnectError::Timeout {
                 addr,
@@ -270,6 +352,58 @@ impl MeshEndpoint {
             }),
         }
     }
+
+    /// Accept an incoming connection as early as its peer can be known: a
+    /// peer resuming a session is verified from its ticket's certificate
+    /// chain as soon as its ClientHello is read (so its 0-RTT requests can
+    /// be served before the handshake ends, `handshake` is `Some`); any
+    /// other peer after the whole handshake (`None`). A peer that fails
+    /// verification is closed and reported as an error.
+    pub async fn accept_early(&self, incoming: quinn::Incoming) -> Result<Accepted, AcceptError> {
+        let mut connecting = incoming.accept().map_err(AcceptError::Handshake)?;
+        // The ClientHello (which may span several packets) has been read
+        // once this returns: a resumed session's peer chain is known.
+        connecting
+            .handshake_data()
+            .await
+            .map_err(AcceptError::Handshake)?;
+        let Ok((conn, handshake)) = connecting.into_0rtt() else {
+            // quinn: always Ok on a server.
+            return Err(AcceptError::Refused(rustls::Error::General(
+                "server connection cannot take 0.5-RTT data".into(),
+            )));
+        };
+        let handshake = if conn.peer_identity().is_some() {
+            Some(handshake)
+        } else {
+            // A full handshake: the client certificate comes last.
+            handshake.await;
+            if let Some(e) = conn.close_reason() {
+                return Err(AcceptError::Handshake(e));
+            }
+            None
+        };
+        if let Err(e) = self
+            .tls
+            .verify_connection(&conn, webpki::KeyUsage::client_auth())
+        {
+            conn.close(
+                crate::pool::CERT_EXPIRED.into(),
+                b"peer certificate refused",
+            );
+            return Err(AcceptError::Refused(e));
+        }
+        Ok(Accepted { conn, handshake })
+    }
+}
+
+/// Why an incoming connection was not accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum AcceptError {
+    #[error("handshake failed: {0}")]
+    Handshake(quinn::ConnectionError),
+    #[error("peer refused after resumption: {0}")]
+    Refused(rustls::Error),
 }
 
 fn transport_config(opts: &EndpointOptions) -> TransportConfig {

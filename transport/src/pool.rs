@@ -33,10 +33,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use crate::endpoint::{ConnectError, MeshEndpoint};
+use crate::endpoint::{ConnectError, Dialed as Handshake, MeshEndpoint};
+use crate::spiffe::SpiffeId;
 
 type SetupFuture<T> = Pin<Box<dyn Future<Output = Result<T, ConnectError>> + Send>>;
-type Setup<T> = Arc<dyn Fn(quinn::Connection) -> SetupFuture<T> + Send + Sync>;
+type Setup<T> = Arc<dyn Fn(quinn::Connection, Option<SpiffeId>) -> SetupFuture<T> + Send + Sync>;
 
 /// Pool of connections with one ALPN.
 pub struct Pool<T> {
@@ -45,14 +46,72 @@ pub struct Pool<T> {
     setup: Setup<T>,
     slots: Mutex<HashMap<SocketAddr, Arc<Slot<T>>>>,
     handshakes: AtomicU64,
+    zero_rtt: bool,
+    observer: Observer,
 }
+
+type Observer = Option<Arc<dyn Fn(&EarlyOutcome) + Send + Sync>>;
 
 struct Slot<T> {
     state: Mutex<SlotState<T>>,
 }
 
 type Dialed<T> = Result<(quinn::Connection, T), Arc<ConnectError>>;
-type Dial<T> = futures::future::Shared<futures::future::BoxFuture<'static, Dialed<T>>>;
+type DialedEarly<T> = Result<Pooled<T>, Arc<ConnectError>>;
+type Dial<T> = futures::future::Shared<futures::future::BoxFuture<'static, DialedEarly<T>>>;
+
+/// A pooled connection, possibly still in its handshake with 0-RTT data
+/// ([`Pool::get_early`]).
+#[derive(Clone)]
+pub struct Pooled<T> {
+    pub conn: quinn::Connection,
+    pub t: T,
+    /// `Some` while the handshake of a 0-RTT connection may still be going
+    /// on: what is sent now is early data.
+    pub early: Option<Early>,
+}
+
+/// The handshake of a connection that sent 0-RTT data. Its outcome is
+/// settled once, by the pool, which has updated the connection's slot by
+/// the time anyone sees it.
+#[derive(Clone)]
+pub struct Early(futures::future::Shared<futures::future::BoxFuture<'static, EarlyOutcome>>);
+
+impl Early {
+    /// Wait for the handshake: how the early data fared.
+    pub async fn outcome(&self) -> EarlyOutcome {
+        self.0.clone().await
+    }
+
+    /// Whether the handshake is still going on (what is sent now is early data).
+    pub fn pending(&self) -> bool {
+        self.0.peek().is_none()
+    }
+}
+
+/// How a 0-RTT handshake ended.
+#[derive(Debug, Clone)]
+pub enum EarlyOutcome {
+    /// The peer took the early data; the connection is established and verified.
+    Accepted,
+    /// The peer did not take it (it no longer knows the session ticket, e.g.
+    /// after a restart): streams opened early failed *unprocessed*. The
+    /// connection is closed; the next caller gets a full handshake.
+    Rejected,
+    /// The handshake failed (refused by a draining peer, unanswered, …),
+    /// or the peer did not verify. What was sent early may have been
+    /// processed (it was safe to replay).
+    Failed(Arc<ConnectError>),
+}
+
+impl EarlyOutcome {
+    pub fn accepted(&self) -> bool {
+        matches!(self, EarlyOutcome::Accepted)
+    }
+    pub fn rejected(&self) -> bool {
+        matches!(self, EarlyOutcome::Rejected)
+    }
+}
 
 /// QUIC application close code for a connection whose peer certificate expired.
 pub const CERT_EXPIRED: u32 = 0x57_01;
@@ -130,27 +189,40 @@ struct Live<T> {
     t: T,
     /// From here on, new streams go to a new connection.
     replace_at: Option<SystemTime>,
+    /// While a 0-RTT handshake is going on.
+    early: Option<Early>,
 }
 
 struct SlotState<T> {
     live: Option<Live<T>>,
     /// The handshake in progress, shared by everyone waiting for it.
     dialing: Option<Dial<T>>,
+    /// The identity of the peer at this address on its last verified
+    /// connection: a 0-RTT handshake resumes that connection's session, so
+    /// it is the identity early data goes to (checked when the handshake ends).
+    last_peer: Option<SpiffeId>,
+    /// The last 0-RTT attempt here was rejected: the next dial is a full
+    /// handshake (the peer lost its session cache; our other tickets from
+    /// it are as useless).
+    rejected: bool,
 }
 
 impl Pool<()> {
     /// A pool whose connections need no extra state.
     pub fn new(endpoint: MeshEndpoint, alpn: &'static [u8]) -> Self {
-        Pool::with_setup(endpoint, alpn, |_conn| Box::pin(async { Ok(()) }))
+        Pool::with_setup(endpoint, alpn, |_conn, _peer| Box::pin(async { Ok(()) }))
     }
 }
 
 impl<T: Clone + Send + Sync + 'static> Pool<T> {
-    /// A pool that runs `setup` once on each new connection.
+    /// A pool that runs `setup` once on each new connection. `setup` gets the
+    /// peer's identity: the verified one, or for a connection still in its
+    /// 0-RTT handshake the one its session was made with (the pool closes
+    /// the connection if the handshake ends with another).
     pub fn with_setup(
         endpoint: MeshEndpoint,
         alpn: &'static [u8],
-        setup: impl Fn(quinn::Connection) -> SetupFuture<T> + Send + Sync + 'static,
+        setup: impl Fn(quinn::Connection, Option<SpiffeId>) -> SetupFuture<T> + Send + Sync + 'static,
     ) -> Self {
         Pool {
             endpoint,
@@ -158,7 +230,21 @@ impl<T: Clone + Send + Sync + 'static> Pool<T> {
             setup: Arc::new(setup),
             slots: Mutex::new(HashMap::new()),
             handshakes: AtomicU64::new(0),
+            zero_rtt: true,
+            observer: None,
         }
+    }
+
+    /// Whether [`Pool::get_early`] may dial with 0-RTT (default: yes).
+    pub fn zero_rtt(mut self, on: bool) -> Self {
+        self.zero_rtt = on;
+        self
+    }
+
+    /// Call `f` with the outcome of every 0-RTT handshake (for metrics).
+    pub fn on_early_outcome(mut self, f: impl Fn(&EarlyOutcome) + Send + Sync + 'static) -> Self {
+        self.observer = Some(Arc::new(f));
+        self
     }
 
     /// Stop handing out `conn` (the live connection to `addr`, if it still
@@ -178,8 +264,19 @@ impl<T: Clone + Send + Sync + 'static> Pool<T> {
         }
     }
 
-    /// A live connection to `addr`, dialing if there is none.
+    /// A live, established connection to `addr`, dialing if there is none.
     pub async fn get(&self, addr: SocketAddr) -> Dialed<T> {
+        self.get_with(addr, false).await.map(|p| (p.conn, p.t))
+    }
+
+    /// A live connection to `addr` that may still be in a 0-RTT handshake
+    /// (then [`Pooled::early`] is `Some`): for data that is safe to replay
+    /// only. Dials with 0-RTT when we hold a session ticket from the peer.
+    pub async fn get_early(&self, addr: SocketAddr) -> DialedEarly<T> {
+        self.get_with(addr, self.zero_rtt).await
+    }
+
+    async fn get_with(&self, addr: SocketAddr, early_ok: bool) -> DialedEarly<T> {
         let slot = {
             let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
             slots
@@ -189,62 +286,170 @@ impl<T: Clone + Send + Sync + 'static> Pool<T> {
                         state: Mutex::new(SlotState {
                             live: None,
                             dialing: None,
+                            last_peer: None,
+                            rejected: false,
                         }),
                     })
                 })
                 .clone()
         };
-        let dial = {
-            let mut state = slot.state.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(live) = &state.live {
-                let fresh = live.replace_at.is_none_or(|at| SystemTime::now() < at);
-                if live.conn.close_reason().is_none() && fresh {
-                    return Ok((live.conn.clone(), live.t.clone()));
+        // Each turn either returns or waits for a handshake to end; a
+        // handshake that ends has updated the slot, so the next turn sees
+        // an established connection, or none and dials a full handshake.
+        loop {
+            let wait = {
+                let mut state = slot.state.lock().unwrap_or_else(|p| p.into_inner());
+                let mut wait = None;
+                if let Some(live) = &state.live {
+                    let fresh = live.replace_at.is_none_or(|at| SystemTime::now() < at);
+                    if live.conn.close_reason().is_none() && fresh {
+                        let pooled = Pooled {
+                            conn: live.conn.clone(),
+                            t: live.t.clone(),
+                            early: live.early.clone(),
+                        };
+                        match &live.early {
+                            Some(e) if !early_ok => wait = Some(Wait::Handshake(e.clone())),
+                            _ => return Ok(pooled),
+                        }
+                    } else {
+                        // Closed, or a certificate it was made with is about
+                        // to expire: streams on it finish (until the expiry
+                        // closer), new ones get a new connection.
+                        state.live = None;
+                    }
                 }
-                // Closed, or a certificate it was made with is about to
-                // expire: streams on it finish (until the expiry closer),
-                // new ones get a new connection.
-                state.live = None;
-            }
-            match &state.dialing {
-                Some(dial) => dial.clone(),
-                None => {
-                    let dial = self.dial(addr, slot.clone());
-                    state.dialing = Some(dial.clone());
-                    dial
+                match wait {
+                    Some(w) => w,
+                    None => match &state.dialing {
+                        Some(dial) => Wait::Dial(dial.clone()),
+                        None => {
+                            let early = self.zero_rtt && early_ok && !state.rejected;
+                            let dial =
+                                self.dial(addr, slot.clone(), early, state.last_peer.clone());
+                            state.dialing = Some(dial.clone());
+                            Wait::Dial(dial)
+                        }
+                    },
+                }
+            };
+            match wait {
+                Wait::Handshake(e) => {
+                    e.outcome().await;
+                }
+                Wait::Dial(dial) => {
+                    let pooled = dial.await?;
+                    match &pooled.early {
+                        Some(e) if !early_ok => {
+                            e.outcome().await;
+                        }
+                        _ => return Ok(pooled),
+                    }
                 }
             }
-        };
-        dial.await
+        }
     }
 
     /// Start a handshake in its own task; it stores its result in the slot.
-    fn dial(&self, addr: SocketAddr, slot: Arc<Slot<T>>) -> Dial<T> {
+    fn dial(
+        &self,
+        addr: SocketAddr,
+        slot: Arc<Slot<T>>,
+        early: bool,
+        last_peer: Option<SpiffeId>,
+    ) -> Dial<T> {
         use futures::FutureExt;
         self.handshakes.fetch_add(1, Ordering::Relaxed);
         let endpoint = self.endpoint.clone();
         let setup = self.setup.clone();
         let alpn = self.alpn;
+        let observer = self.observer.clone();
         let task = tokio::spawn(async move {
             // Read before dialing: the certificate we present is this one or
             // a newer one, so its expiry is no earlier than this.
             let ours = endpoint.tls().not_after();
-            let result = match endpoint.connect(addr, alpn).await {
-                Ok(conn) => setup(conn.clone()).await.map(|t| (conn, t)),
-                Err(e) => Err(e),
+            // 0-RTT needs a ticket and the identity of the session it resumes.
+            let handshake = match &last_peer {
+                Some(_) if early => endpoint.connect_early(addr, alpn).await,
+                _ => endpoint
+                    .connect(addr, alpn)
+                    .await
+                    .map(Handshake::Established),
             };
-            let result = result.map_err(Arc::new);
+            let result = match (handshake, last_peer) {
+                (Ok(Handshake::Established(conn)), _) => {
+                    let peer = crate::tls::peer_id(&conn, endpoint.tls().trust_domain());
+                    match setup(conn.clone(), peer.clone()).await {
+                        Ok(t) => {
+                            let mut state = slot.state.lock().unwrap_or_else(|p| p.into_inner());
+                            state.dialing = None;
+                            state.last_peer = peer;
+                            state.rejected = false;
+                            state.live = Some(Live {
+                                conn: conn.clone(),
+                                t: t.clone(),
+                                replace_at: earlier(
+                                    close_at_peer_expiry(&conn),
+                                    own_replace_at(ours),
+                                ),
+                                early: None,
+                            });
+                            return Ok(Pooled {
+                                conn,
+                                t,
+                                early: None,
+                            });
+                        }
+                        Err(e) => Err(e),
+                    }
+                }
+                (Ok(Handshake::Early(conn, accepted)), Some(peer)) => {
+                    match setup(conn.clone(), Some(peer.clone())).await {
+                        Ok(t) => {
+                            let settle = settle_early(
+                                endpoint.clone(),
+                                addr,
+                                conn.clone(),
+                                accepted,
+                                peer,
+                                slot.clone(),
+                                ours,
+                                observer,
+                            );
+                            let e = Early(settle.boxed().shared());
+                            // Settled even if nobody waits for it.
+                            let driver = e.clone();
+                            tokio::spawn(async move { driver.outcome().await });
+                            let mut state = slot.state.lock().unwrap_or_else(|p| p.into_inner());
+                            state.dialing = None;
+                            state.live = Some(Live {
+                                conn: conn.clone(),
+                                t: t.clone(),
+                                replace_at: None,
+                                early: Some(e.clone()),
+                            });
+                            return Ok(Pooled {
+                                conn,
+                                t,
+                                early: Some(e),
+                            });
+                        }
+                        Err(e) => Err(e),
+                    }
+                }
+                (Ok(Handshake::Early(conn, _)), None) => {
+                    // Cannot happen: early dials need a last peer.
+                    conn.close(0u32.into(), b"");
+                    Err(ConnectError::Setup {
+                        addr,
+                        reason: "0-RTT without a known peer".into(),
+                    })
+                }
+                (Err(e), _) => Err(e),
+            };
             let mut state = slot.state.lock().unwrap_or_else(|p| p.into_inner());
             state.dialing = None;
-            if let Ok((conn, t)) = &result {
-                let replace_at = earlier(close_at_peer_expiry(conn), own_replace_at(ours));
-                state.live = Some(Live {
-                    conn: conn.clone(),
-                    t: t.clone(),
-                    replace_at,
-                });
-            }
-            result
+            result.map_err(Arc::new)
         });
         async move {
             task.await.unwrap_or_else(|e| {
@@ -280,6 +485,97 @@ impl<T: Clone + Send + Sync + 'static> Pool<T> {
             })
             .count()
     }
+}
+
+/// Whether a 0-RTT connection whose early data was not accepted got through
+/// its handshake (the peer rejected the early data) rather than failing:
+/// it knows its peer, and nobody but us closed it. (quinn reports both as
+/// "not accepted"; on a rejection HTTP/3 may close the connection itself
+/// first, its control streams having been lost with the early data.)
+fn rejected(conn: &quinn::Connection) -> bool {
+    conn.peer_identity().is_some()
+        && matches!(
+            conn.close_reason(),
+            None | Some(quinn::ConnectionError::LocallyClosed)
+        )
+}
+
+enum Wait<T> {
+    Dial(Dial<T>),
+    Handshake(Early),
+}
+
+/// QUIC application close code of a connection whose 0-RTT data the peer
+/// rejected: we close it and dial a full handshake, since the HTTP/3
+/// control streams it opened early were lost with the rest.
+pub const EARLY_REJECTED: u32 = 0x57_04;
+
+/// Wait for the end of a 0-RTT handshake and update the slot: an accepted
+/// connection whose peer still verifies, as the identity its session was
+/// made with, becomes a normal pooled connection; any other is closed and
+/// forgotten, so the next caller dials afresh.
+#[allow(clippy::too_many_arguments)]
+async fn settle_early<T>(
+    endpoint: MeshEndpoint,
+    addr: SocketAddr,
+    conn: quinn::Connection,
+    accepted: quinn::ZeroRttAccepted,
+    expected: SpiffeId,
+    slot: Arc<Slot<T>>,
+    ours: Option<SystemTime>,
+    observer: Observer,
+) -> EarlyOutcome {
+    let outcome = if accepted.await {
+        match endpoint.verify(addr, &conn) {
+            Ok(())
+                if crate::tls::peer_id(&conn, endpoint.tls().trust_domain()).as_ref()
+                    == Some(&expected) =>
+            {
+                EarlyOutcome::Accepted
+            }
+            Ok(()) => {
+                conn.close(CERT_EXPIRED.into(), b"peer identity changed");
+                EarlyOutcome::Failed(Arc::new(ConnectError::Setup {
+                    addr,
+                    reason: format!("the peer is no longer {expected}"),
+                }))
+            }
+            Err(e) => EarlyOutcome::Failed(Arc::new(e)),
+        }
+    } else if !rejected(&conn) {
+        EarlyOutcome::Failed(Arc::new(ConnectError::Handshake {
+            addr,
+            source: conn
+                .close_reason()
+                .unwrap_or(quinn::ConnectionError::LocallyClosed),
+        }))
+    } else {
+        conn.close(EARLY_REJECTED.into(), b"0-RTT rejected");
+        EarlyOutcome::Rejected
+    };
+    if let Some(f) = &observer {
+        f(&outcome);
+    }
+    let mut state = slot.state.lock().unwrap_or_else(|p| p.into_inner());
+    let ours_now = matches!(&state.live, Some(l) if l.conn.stable_id() == conn.stable_id());
+    match &outcome {
+        EarlyOutcome::Accepted => {
+            state.rejected = false;
+            if ours_now {
+                if let Some(live) = &mut state.live {
+                    live.early = None;
+                    live.replace_at = earlier(close_at_peer_expiry(&conn), own_replace_at(ours));
+                }
+            }
+        }
+        EarlyOutcome::Rejected | EarlyOutcome::Failed(_) => {
+            state.rejected |= outcome.rejected();
+            if ours_now {
+                state.live = None;
+            }
+        }
+    }
+    outcome
 }
 
 /// The peer closes the connection when *our* certificate expires (it runs

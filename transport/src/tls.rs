@@ -99,7 +99,21 @@ struct State {
     not_after: Option<std::time::SystemTime>,
     serial: String,
     roots: RootCertStore,
+    /// Session tickets (resumption and 0-RTT), per identity and bundle: a
+    /// new certificate or bundle starts with empty caches, so no ticket
+    /// outlives the credentials it was issued under (see [`Sessions`]).
+    client_sessions: Arc<rustls::client::ClientSessionMemoryCache>,
+    server_sessions: Arc<rustls::server::ServerSessionMemoryCache>,
 }
+
+/// Client tickets kept: one entry per peer (rustls keeps a few tickets
+/// each); a sidecar talks to at most a few hundred peers.
+const CLIENT_SESSIONS: usize = 1024;
+/// Server sessions kept (stateful: a ticket is a key into this cache, and
+/// taking it on use makes every ticket single-use, which is what stops a
+/// replayed 0-RTT flight). Each holds the client's certificate chain (~2 KiB),
+/// so at most ~8 MiB when full; the oldest are evicted first.
+const SERVER_SESSIONS: usize = 4096;
 
 impl std::fmt::Debug for MeshTls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -209,11 +223,67 @@ impl MeshTls {
             .with_client_cert_verifier(Arc::new(PeerVerifier(self.clone())))
             .with_cert_resolver(Arc::new(Resolver(self.clone())));
         cfg.alpn_protocols = alpns.iter().map(|a| a.to_vec()).collect();
-        // No session resumption: a resumed session skips certificate checks,
-        // which would let a peer outlive its certificate. Revisit with 0-RTT.
+        // No session resumption here: a resumed session skips certificate
+        // checks, which would let a peer outlive its certificate. The QUIC
+        // endpoint resumes, and re-verifies ([`MeshTls::server_config_resumable`]).
         cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
         cfg.send_tls13_tickets = 0;
         Ok(cfg)
+    }
+
+    /// The server config of the QUIC endpoint: as [`MeshTls::server_config`]
+    /// plus TLS 1.3 session tickets, so that known peers can resume and
+    /// send 0-RTT data. Resumption skips the certificate verifier, so
+    /// whoever uses this must check every connection with
+    /// [`MeshTls::verify_connection`] (the endpoint does). Tickets are
+    /// stateful and single-use (a replayed ClientHello finds its ticket gone
+    /// and falls back to a full handshake, without early data), and are
+    /// forgotten when our certificate or bundle changes.
+    pub fn server_config_resumable(
+        self: &Arc<Self>,
+        alpns: &[&[u8]],
+    ) -> Result<rustls::ServerConfig, TlsError> {
+        let mut cfg = self.server_config(alpns)?;
+        cfg.session_storage = Arc::new(Sessions(self.clone()));
+        cfg.send_tls13_tickets = 2;
+        Ok(cfg)
+    }
+
+    /// The client config of the QUIC endpoint: as [`MeshTls::client_config`]
+    /// plus session resumption and early data (see
+    /// [`MeshTls::server_config_resumable`]). Tickets are kept per server
+    /// name, so dial each peer with its own ([`server_name_for`]).
+    pub fn client_config_resumable(
+        self: &Arc<Self>,
+        alpn: &[u8],
+    ) -> Result<rustls::ClientConfig, TlsError> {
+        let mut cfg = self.client_config(alpn)?;
+        cfg.resumption = rustls::client::Resumption::store(Arc::new(Sessions(self.clone())))
+            .tls12_resumption(rustls::client::Tls12Resumption::Disabled);
+        cfg.enable_early_data = true;
+        Ok(cfg)
+    }
+
+    /// Check the peer of an established (or, on a server, resuming)
+    /// connection as a full handshake would: a resumed session restores the
+    /// peer's chain from the ticket without running the verifier, so the
+    /// chain is verified here against the current bundle and clock. A peer
+    /// whose certificate expired since the ticket was issued, or whose root
+    /// left the bundle, is refused. `usage` is the peer's role:
+    /// `client_auth` on a server, `server_auth` on a client.
+    pub fn verify_connection(
+        &self,
+        conn: &quinn::Connection,
+        usage: webpki::KeyUsage,
+    ) -> Result<SpiffeId, rustls::Error> {
+        let certs = conn
+            .peer_identity()
+            .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok())
+            .ok_or(rustls::Error::NoCertificatesPresented)?;
+        let (leaf, intermediates) = certs
+            .split_first()
+            .ok_or(rustls::Error::NoCertificatesPresented)?;
+        self.verify_peer(leaf, intermediates, UnixTime::now(), usage)
     }
 
     /// rustls client config for one ALPN, presenting our certificate.
@@ -226,6 +296,86 @@ impl MeshTls {
         cfg.alpn_protocols = vec![alpn.to_vec()];
         cfg.resumption = rustls::client::Resumption::disabled();
         Ok(cfg)
+    }
+}
+
+/// The TLS server name to dial `addr` with. It is never verified (the SPIFFE
+/// ID is), but the client keeps session tickets per server name, so each
+/// peer address needs its own: `h<ip in hex>-<port>.weft.peer`.
+pub fn server_name_for(addr: std::net::SocketAddr) -> String {
+    let ip: Vec<u8> = match addr.ip() {
+        std::net::IpAddr::V4(v4) => v4.octets().to_vec(),
+        std::net::IpAddr::V6(v6) => v6.octets().to_vec(),
+    };
+    let hex: String = ip.iter().map(|b| format!("{b:02x}")).collect();
+    format!("h{hex}-{}.weft.peer", addr.port())
+}
+
+/// The session caches of the current [`State`], seen through the stable
+/// `Arc<MeshTls>` that rustls configs hold.
+#[derive(Debug)]
+struct Sessions(Arc<MeshTls>);
+
+impl rustls::server::StoresServerSessions for Sessions {
+    fn put(&self, key: Vec<u8>, value: Vec<u8>) -> bool {
+        self.0.state.load().server_sessions.put(key, value)
+    }
+    fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
+        self.0.state.load().server_sessions.get(key)
+    }
+    fn take(&self, key: &[u8]) -> Option<Vec<u8>> {
+        self.0.state.load().server_sessions.take(key)
+    }
+    fn can_cache(&self) -> bool {
+        true
+    }
+}
+
+impl rustls::client::ClientSessionStore for Sessions {
+    fn set_kx_hint(&self, server_name: ServerName<'static>, group: rustls::NamedGroup) {
+        self.0
+            .state
+            .load()
+            .client_sessions
+            .set_kx_hint(server_name, group)
+    }
+    fn kx_hint(&self, server_name: &ServerName<'_>) -> Option<rustls::NamedGroup> {
+        self.0.state.load().client_sessions.kx_hint(server_name)
+    }
+    fn set_tls12_session(
+        &self,
+        _server_name: ServerName<'static>,
+        _value: rustls::client::Tls12ClientSessionValue,
+    ) {
+        // TLS 1.3 only.
+    }
+    fn tls12_session(
+        &self,
+        _server_name: &ServerName<'_>,
+    ) -> Option<rustls::client::Tls12ClientSessionValue> {
+        None
+    }
+    fn remove_tls12_session(&self, _server_name: &ServerName<'static>) {}
+    fn insert_tls13_ticket(
+        &self,
+        server_name: ServerName<'static>,
+        value: rustls::client::Tls13ClientSessionValue,
+    ) {
+        self.0
+            .state
+            .load()
+            .client_sessions
+            .insert_tls13_ticket(server_name, value)
+    }
+    fn take_tls13_ticket(
+        &self,
+        server_name: &ServerName<'static>,
+    ) -> Option<rustls::client::Tls13ClientSessionValue> {
+        self.0
+            .state
+            .load()
+            .client_sessions
+            .take_tls13_ticket(server_name)
     }
 }
 
@@ -279,6 +429,10 @@ fn build_state(
         not_after,
         serial,
         roots,
+        client_sessions: Arc::new(rustls::client::ClientSessionMemoryCache::new(
+            CLIENT_SESSIONS,
+        )),
+        server_sessions: rustls::server::ServerSessionMemoryCache::new(SERVER_SESSIONS),
     })
 }
 
@@ -503,5 +657,31 @@ impl rustls::client::ResolvesClientCert for Resolver {
     }
     fn has_certs(&self) -> bool {
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_names_are_dns_names_one_per_peer_address() {
+        let addrs = [
+            "127.0.0.1:15008",
+            "127.0.0.1:15009",
+            "127.0.0.2:15008",
+            "[::1]:15008",
+        ];
+        let names: Vec<String> = addrs
+            .iter()
+            .map(|a| server_name_for(a.parse().expect("address")))
+            .collect();
+        assert_eq!(names[0], "h7f000001-15008.weft.peer");
+        for name in &names {
+            let parsed = ServerName::try_from(name.as_str()).expect("valid server name");
+            assert!(matches!(parsed, ServerName::DnsName(_)), "{name}");
+        }
+        let distinct: std::collections::HashSet<_> = names.iter().collect();
+        assert_eq!(distinct.len(), names.len(), "{names:?}");
     }
 }

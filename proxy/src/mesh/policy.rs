@@ -228,6 +228,10 @@ pub struct ServicePolicy {
     /// UDP only: a flow ends once this many reply datagrams reached the
     /// app (DNS: 1), instead of waiting out `idle_timeout`.
     pub replies_per_flow: Option<u32>,
+    /// TCP only: the service's protocol tolerates replays, so a stream to a
+    /// known peer may start in 0-RTT early data (docs/quic.md). HTTP
+    /// services need no setting: safe methods go early, others do not.
+    pub early_data: bool,
 }
 
 /// The flow idle timeout of a UDP service that sets none: Envoy's UDP
@@ -250,6 +254,8 @@ impl Default for ServicePolicy {
             idle_timeout: Some(Duration::from_secs(3600)),
             // Flows end when idle unless a UDP service says otherwise.
             replies_per_flow: None,
+            // A TCP stream's bytes may not be safe to replay: opt in.
+            early_data: false,
         }
     }
 }
@@ -485,6 +491,7 @@ pub(super) struct RawServicePolicy {
     pub connect_timeout: Option<Spanned<String>>,
     pub idle_timeout: Option<Spanned<String>>,
     pub replies_per_flow: Option<Spanned<u32>>,
+    pub early_data: Option<Spanned<bool>>,
 }
 
 /// A reference from one service to another (backend or mirror), checked
@@ -760,6 +767,21 @@ impl Checker<'_> {
     ) -> (Vec<Route>, ServicePolicy) {
         let mut routes = Vec::new();
         let raw_routes = raw.routes.take().unwrap_or_default();
+        if let Some(e) = raw
+            .early_data
+            .as_ref()
+            .filter(|_| protocol != Protocol::Tcp)
+        {
+            let why = if protocol == Protocol::Http {
+                "HTTP requests go as 0-RTT early data by method (GET, HEAD, OPTIONS, TRACE)"
+            } else {
+                "datagrams are never sent as early data"
+            };
+            self.error(
+                Some(e.span()),
+                format!("service {name:?}: early_data is for TCP services ({why}); remove it"),
+            );
+        }
         if protocol == Protocol::Udp {
             self.udp_only_fields(name, &raw, raw_routes.first().map(|r| r.span()));
             // Checked above: a UDP service takes no routes (its flows go to
@@ -1109,6 +1131,7 @@ impl Checker<'_> {
                 .replies_per_flow
                 .map(|r| r.into_inner())
                 .filter(|r| *r > 0 && protocol == Protocol::Udp),
+            early_data: raw.early_data.is_some_and(|e| *e.get_ref()) && protocol == Protocol::Tcp,
         }
     }
 
@@ -1410,6 +1433,7 @@ retries = { attempts = 2 }
 [services.web]
 endpoints = ["127.0.0.1:3"]
 replies_per_flow = 1
+early_data = true
 "#;
         let e = errors(text);
         let got: Vec<(Option<usize>, &str)> =
@@ -1428,7 +1452,8 @@ replies_per_flow = 1
         has(9, "is UDP: outlier_detection does not apply");
         has(10, "is UDP: routes does not apply");
         has(14, "replies_per_flow is for UDP services");
-        assert_eq!(e.len(), 7, "{e:#?}");
+        has(15, "early_data is for TCP services (HTTP requests go");
+        assert_eq!(e.len(), 8, "{e:#?}");
         // A TCP route cannot send its streams to a UDP service.
         let e = errors(
             "trust_domain = \"td\"\n[services.dns]\nprotocol = \"udp\"\nendpoints = [\"127.0.0.1:2\"]\n\

@@ -164,10 +164,17 @@ pub(crate) fn peer_unavailable(ctx: &Arc<Ctx>, addr: SocketAddr, alpn: Alpn, why
             pause = (pause * 2).min(PROBE_MAX);
             let generation = ctx2.peers.lock().get(&addr).copied();
             let gone = endpoints_at(&ctx2.state.load(), addr).is_empty();
+            // A 0-RTT dial where we hold a ticket: requests that arrive
+            // meanwhile can go with its first flight instead of waiting.
+            let early = match alpn {
+                Alpn::H3 => ctx2.h3_pool.get_early(addr).await.map(|p| p.early),
+                Alpn::L4 => ctx2.l4_pool.get_early(addr).await.map(|p| p.early),
+            };
             let back = !gone
-                && match alpn {
-                    Alpn::H3 => ctx2.h3_pool.get(addr).await.is_ok(),
-                    Alpn::L4 => ctx2.l4_pool.get(addr).await.is_ok(),
+                && match early {
+                    Ok(Some(e)) => e.outcome().await.accepted(),
+                    Ok(None) => true,
+                    Err(_) => false,
                 };
             if !(gone || back) {
                 continue;

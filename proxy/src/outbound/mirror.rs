@@ -93,6 +93,9 @@ pub(super) fn spawn(
                 connect_timeout,
                 true,
                 1,
+                // A mirror waits for the handshake: a rejected early copy
+                // would only be lost, and its response is dropped anyway.
+                false,
             ),
         )
         .await;

@@ -7,6 +7,13 @@
 //! A try the peer refused because it drains (see [`super::drain`]) was
 //! never processed: it is sent once more to another endpoint even when
 //! the route has no retry policy (`weft_retries_total{reason="drain"}`).
+//!
+//! Safe requests (GET, HEAD, OPTIONS, TRACE) to a peer we hold a session
+//! ticket from go out as 0-RTT early data while the connection's handshake
+//! is still going on. If the peer rejects the early data (it restarted and
+//! lost the session) or answers `425 Too Early`, the request was not
+//! processed and is sent once more after the handshake, whatever the retry
+//! policy (`weft_retries_total{reason="early-data"}`).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -29,14 +36,14 @@ use crate::cluster::Cluster;
 use crate::headers;
 use crate::mesh::Route;
 use crate::metrics::{
-    RequestDurationLabels, RequestLabels, RouteLabels, RouteReasonLabels, ServiceReasonLabels,
-    OUTBOUND,
+    EarlyDataLabels, RequestDurationLabels, RequestLabels, RouteLabels, RouteReasonLabels,
+    ServiceReasonLabels, OUTBOUND,
 };
 use crate::replay::ReplayBody;
 use crate::retry::{self, Failure};
 use crate::route;
 use crate::sidecar::Ctx;
-use weft_transport::pool::{drained, Drained};
+use weft_transport::pool::{drained, Drained, Early, EarlyOutcome, Pooled};
 
 type ClientRecv = h3::client::RequestStream<h3_quinn::RecvStream, Bytes>;
 
@@ -318,6 +325,9 @@ impl Tries<'_> {
         let mut retries = 0u32;
         // The one transparent retry of a try a draining peer refused.
         let mut drain_retried = false;
+        // The one transparent retry of early data the peer did not process.
+        let mut early_retried = false;
+        let safe = self.ctx.limits.zero_rtt && retry::is_safe(&self.parts.method);
         loop {
             let now = Instant::now();
             let Some(ep) = balance::choose(
@@ -356,6 +366,7 @@ impl Tries<'_> {
                     connect_timeout,
                     false,
                     tried.len() as u32,
+                    safe && !early_retried,
                 ),
             )
             .await;
@@ -385,10 +396,9 @@ impl Tries<'_> {
                 }
                 Some(Err(TryError::Answer(resp))) => return (resp, String::new()),
                 // Not the endpoint's fault: no latency sample, no outlier count.
-                Some(Err(TryError::Failed(Failure::Draining, msg))) => (
-                    Failure::Draining,
-                    Last::Error(StatusCode::SERVICE_UNAVAILABLE, msg),
-                ),
+                Some(Err(TryError::Failed(f @ (Failure::Draining | Failure::EarlyData), msg))) => {
+                    (f, Last::Error(StatusCode::SERVICE_UNAVAILABLE, msg))
+                }
                 Some(Err(TryError::Failed(f, msg))) => {
                     // A failed try cost the caller this long too; without it
                     // an endpoint that never answers keeps its initial
@@ -435,6 +445,16 @@ impl Tries<'_> {
                 drain_retried = true;
                 count(&self.ctx.metrics.retries, self.labels, failure.label());
                 tracing::debug!(service = %self.authority, endpoint = %ep.addr(), "peer draining; trying another endpoint");
+                continue;
+            }
+
+            // Early data the peer did not process: once more, after the
+            // handshake, to the same endpoint or another.
+            if failure == Failure::EarlyData && !early_retried && self.root.replayable() {
+                early_retried = true;
+                tried.retain(|a| *a != ep.addr());
+                count(&self.ctx.metrics.retries, self.labels, failure.label());
+                tracing::debug!(service = %self.authority, endpoint = %ep.addr(), "early data not processed; sending again after the handshake");
                 continue;
             }
 
@@ -568,6 +588,29 @@ fn stream_response<H: Send + 'static>(sent: Sent, hold: H) -> (Response<ProxyBod
     (Response::from_parts(rparts, body::boxed(chan)), peer)
 }
 
+/// Why a request sent on a connection still in its 0-RTT handshake failed,
+/// if that handshake is the reason (`None`: it was accepted, or there was
+/// none). Waits for the handshake's outcome, which the failure itself means
+/// is near. Only safe requests are sent early, so sending one again after
+/// a failed handshake is harmless even if the peer did process it.
+async fn early_failure(ctx: &Arc<Ctx>, addr: SocketAddr, early: Option<&Early>) -> Option<Failure> {
+    match early?.outcome().await {
+        EarlyOutcome::Accepted => None,
+        // Nothing of it reached the peer's app: again, after the handshake.
+        EarlyOutcome::Rejected => Some(Failure::EarlyData),
+        EarlyOutcome::Failed(e) if e.is_refused() => {
+            super::drain::peer_draining(ctx, addr, Alpn::H3);
+            Some(Failure::Draining)
+        }
+        EarlyOutcome::Failed(e) => {
+            if e.is_unanswered() {
+                super::drain::peer_unreachable(ctx, addr, Alpn::H3);
+            }
+            Some(Failure::ConnectFailure)
+        }
+    }
+}
+
 /// The peer at `addr` drains: new requests go to a new connection (once it
 /// answers a handshake again) and the load balancer avoids it meanwhile.
 fn peer_gone(ctx: &Arc<Ctx>, addr: SocketAddr, conn: &quinn::Connection) {
@@ -588,38 +631,54 @@ pub(super) async fn send(
     connect_timeout: std::time::Duration,
     mirror: bool,
     attempt: u32,
+    early_ok: bool,
 ) -> Result<Sent, TryError> {
-    let (conn, (mut sender, peer)) =
-        match tokio::time::timeout(connect_timeout, ctx.h3_pool.get(addr)).await {
-            Ok(Ok(x)) => x,
-            Ok(Err(e)) => {
-                let failure = if e.is_refused() {
-                    super::drain::peer_draining(ctx, addr, Alpn::H3);
-                    Failure::Draining
-                } else {
-                    if e.is_unanswered() {
-                        super::drain::peer_unreachable(ctx, addr, Alpn::H3);
-                    }
-                    Failure::ConnectFailure
-                };
-                return Err(TryError::Failed(
-                    failure,
-                    format!("weft: upstream connect error: {e}"),
-                ));
-            }
-            Err(_) => {
-                // The handshake goes on in the pool; the prober's wait for
-                // it clears the mark if the peer was only slow.
-                super::drain::peer_unreachable(ctx, addr, Alpn::H3);
-                return Err(TryError::Failed(
-                    Failure::ConnectFailure,
-                    format!(
-                        "weft: upstream connect timeout ({}) to {addr}",
-                        humantime::format_duration(connect_timeout)
-                    ),
-                ));
-            }
-        };
+    let pooled = if early_ok {
+        tokio::time::timeout(connect_timeout, ctx.h3_pool.get_early(addr)).await
+    } else {
+        tokio::time::timeout(connect_timeout, async {
+            ctx.h3_pool.get(addr).await.map(|(conn, t)| Pooled {
+                conn,
+                t,
+                early: None,
+            })
+        })
+        .await
+    };
+    let Pooled {
+        conn,
+        t: (mut sender, peer),
+        early,
+    } = match pooled {
+        Ok(Ok(x)) => x,
+        Ok(Err(e)) => {
+            let failure = if e.is_refused() {
+                super::drain::peer_draining(ctx, addr, Alpn::H3);
+                Failure::Draining
+            } else {
+                if e.is_unanswered() {
+                    super::drain::peer_unreachable(ctx, addr, Alpn::H3);
+                }
+                Failure::ConnectFailure
+            };
+            return Err(TryError::Failed(
+                failure,
+                format!("weft: upstream connect error: {e}"),
+            ));
+        }
+        Err(_) => {
+            // The handshake goes on in the pool; the prober's wait for
+            // it clears the mark if the peer was only slow.
+            super::drain::peer_unreachable(ctx, addr, Alpn::H3);
+            return Err(TryError::Failed(
+                Failure::ConnectFailure,
+                format!(
+                    "weft: upstream connect timeout ({}) to {addr}",
+                    humantime::format_duration(connect_timeout)
+                ),
+            ));
+        }
+    };
     let path = parts
         .uri
         .path_and_query()
@@ -658,29 +717,21 @@ pub(super) async fn send(
     // Which try this is (1-based), for the peer's span and logs.
     req.headers_mut()
         .insert(headers::ATTEMPT, http::HeaderValue::from(attempt));
+    // Sent as early data if the handshake is still going on. Whether or
+    // not it still is, a failure on a connection whose early data was
+    // rejected means nothing of this request was processed (the pool
+    // closes such a connection at once).
+    let sent_early = early.as_ref().is_some_and(Early::pending);
     let stream = match sender.send_request(req).await {
         Ok(s) => s,
-        Err(e) if matches!(e, h3::error::StreamError::HeaderTooBig { .. }) => {
-            return Err(TryError::Answer(error_response(
-                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-                format!("weft: sending request to {addr}: {e}"),
-            )))
-        }
-        // The request head did not go out: the peer never saw it.
         Err(e) => {
-            // RemoteClosing: the peer sent GOAWAY.
-            let draining = matches!(e, h3::error::StreamError::RemoteClosing { .. })
-                || drained(&conn).is_some();
-            let failure = if draining {
-                peer_gone(ctx, addr, &conn);
-                Failure::Draining
-            } else {
-                Failure::RefusedStream
-            };
-            return Err(TryError::Failed(
-                failure,
-                format!("weft: sending request to {addr}: {e}"),
-            ));
+            if let Some(f) = early_failure(ctx, addr, early.as_ref()).await {
+                return Err(TryError::Failed(
+                    f,
+                    format!("weft: {addr} did not take 0-RTT early data: {e}"),
+                ));
+            }
+            return Err(send_failed(ctx, addr, &conn, e));
         }
     };
     let (mut send, mut recv) = stream.split();
@@ -691,7 +742,22 @@ pub(super) async fn send(
             tracing::debug!(error = %e, "request body upload ended early");
         }
     }));
+    if sent_early {
+        ctx.metrics
+            .early_data
+            .get_or_create(&EarlyDataLabels {
+                direction: OUTBOUND,
+                alpn: "h3",
+            })
+            .inc();
+    }
     match recv.recv_response().await {
+        // RFC 8470 §5.2: the peer (or its app) would not risk a replay;
+        // it did not process the request, which goes again after the handshake.
+        Ok(head) if sent_early && head.status() == StatusCode::TOO_EARLY => Err(TryError::Failed(
+            Failure::EarlyData,
+            format!("weft: {addr} answered 425 Too Early to 0-RTT early data"),
+        )),
         Ok(head) => Ok(Sent {
             head,
             recv,
@@ -700,6 +766,12 @@ pub(super) async fn send(
             sender,
         }),
         Err(e) => {
+            if let Some(f) = early_failure(ctx, addr, early.as_ref()).await {
+                return Err(TryError::Failed(
+                    f,
+                    format!("weft: {addr} did not take 0-RTT early data: {e}"),
+                ));
+            }
             // REQUEST_REJECTED comes from a peer that sent GOAWAY; a
             // DRAINING close means nothing accepted was still running.
             let rejected = matches!(
@@ -720,6 +792,33 @@ pub(super) async fn send(
                 f,
                 format!("weft: no response from {addr}: {e}"),
             ))
+        }
+    }
+}
+
+/// The request head did not go out: the peer never saw it.
+fn send_failed(
+    ctx: &Arc<Ctx>,
+    addr: SocketAddr,
+    conn: &quinn::Connection,
+    e: h3::error::StreamError,
+) -> TryError {
+    match e {
+        h3::error::StreamError::HeaderTooBig { .. } => TryError::Answer(error_response(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            format!("weft: sending request to {addr}: {e}"),
+        )),
+        e => {
+            // RemoteClosing: the peer sent GOAWAY.
+            let draining = matches!(e, h3::error::StreamError::RemoteClosing { .. })
+                || drained(conn).is_some();
+            let failure = if draining {
+                peer_gone(ctx, addr, conn);
+                Failure::Draining
+            } else {
+                Failure::RefusedStream
+            };
+            TryError::Failed(failure, format!("weft: sending request to {addr}: {e}"))
         }
     }
 }

@@ -20,11 +20,13 @@ use weft_transport::preamble;
 use super::drain::Alpn;
 use crate::balance::{self, AttemptResult, EndpointState};
 use crate::cluster::Cluster;
-use crate::metrics::{RouteLabels, RouteReasonLabels, ServiceReasonLabels, TcpLabels, OUTBOUND};
+use crate::metrics::{
+    EarlyDataLabels, RouteLabels, RouteReasonLabels, ServiceReasonLabels, TcpLabels, OUTBOUND,
+};
 use crate::retry::{self, Failure};
 use crate::route;
 use crate::sidecar::Ctx;
-use weft_transport::pool::{drained, Drained, DRAINING};
+use weft_transport::pool::{drained, Drained, Early, EarlyOutcome, Pooled, DRAINING};
 
 /// How long the peer sidecar may take to answer a TCP stream preamble,
 /// beyond the connect timeout it is given (it connects to its app first).
@@ -180,7 +182,8 @@ async fn connect(ctx: &Arc<Ctx>, service: &str) -> Result<Connected, String> {
             // The peer refused us (authorization, unknown service): another
             // endpoint would too, and the endpoint is healthy.
             Err(OpenError::Refused(msg)) => return Err(msg),
-            Err(OpenError::Failed(msg)) => (msg, false),
+            // A second rejection after a full handshake: a failure.
+            Err(OpenError::Failed(msg) | OpenError::EarlyRejected(msg)) => (msg, false),
             Err(OpenError::Draining(msg)) => (msg, true),
         };
         let elsewhere = endpoints.iter().any(|e| !tried.contains(&e.addr()));
@@ -252,6 +255,20 @@ enum OpenError {
     Refused(String),
     /// The peer is draining and refused the stream before reading it.
     Draining(String),
+    /// The preamble went as 0-RTT early data the peer rejected: nothing
+    /// reached its app; open again after the handshake.
+    EarlyRejected(String),
+}
+
+impl OpenError {
+    fn message(&self) -> &str {
+        match self {
+            OpenError::Failed(m)
+            | OpenError::Refused(m)
+            | OpenError::Draining(m)
+            | OpenError::EarlyRejected(m) => m,
+        }
+    }
 }
 
 impl From<String> for OpenError {
@@ -260,16 +277,63 @@ impl From<String> for OpenError {
     }
 }
 
-/// Open a stream to one endpoint and complete the preamble exchange.
+type Opened = (quinn::SendStream, quinn::RecvStream, String);
+
+/// Open a stream to one endpoint and complete the preamble exchange. For a
+/// service marked `early_data`, to a peer we hold a session ticket from,
+/// the preamble goes as 0-RTT early data: the peer connects to its app
+/// while the handshake ends, a round trip sooner. The app's bytes only
+/// follow the peer's answer, so none of them is early data; if the peer
+/// rejects the early data the stream is opened again after the handshake.
 async fn open(
     ctx: &Arc<Ctx>,
     cluster: &Cluster,
     service: &str,
     ep: &EndpointState,
-) -> Result<(quinn::SendStream, quinn::RecvStream, String), OpenError> {
+) -> Result<Opened, OpenError> {
+    let early_ok = ctx.limits.zero_rtt && cluster.service.policy.early_data;
+    match open_once(ctx, cluster, service, ep, early_ok).await {
+        Err(OpenError::EarlyRejected(msg)) => {
+            tracing::debug!(endpoint = %ep.addr(), reason = %msg, "opening the stream again after the handshake");
+            ctx.metrics
+                .retries
+                .get_or_create(&RouteReasonLabels {
+                    service: service.to_string(),
+                    route: String::new(),
+                    reason: "early-data",
+                })
+                .inc();
+            open_once(ctx, cluster, service, ep, false).await
+        }
+        r => r,
+    }
+}
+
+async fn open_once(
+    ctx: &Arc<Ctx>,
+    cluster: &Cluster,
+    service: &str,
+    ep: &EndpointState,
+    early_ok: bool,
+) -> Result<Opened, OpenError> {
     let addr = ep.addr();
     let connect_timeout = cluster.service.policy.connect_timeout;
-    let (conn, peer) = match tokio::time::timeout(connect_timeout, ctx.l4_pool.get(addr))
+    let get = async {
+        if early_ok {
+            ctx.l4_pool.get_early(addr).await
+        } else {
+            ctx.l4_pool.get(addr).await.map(|(conn, t)| Pooled {
+                conn,
+                t,
+                early: None,
+            })
+        }
+    };
+    let Pooled {
+        conn,
+        t: peer,
+        early,
+    } = match tokio::time::timeout(connect_timeout, get)
         .await
         .map_err(|_| {
             super::drain::peer_unreachable(ctx, addr, Alpn::L4);
@@ -288,13 +352,53 @@ async fn open(
         }
     };
     let peer = peer.to_string();
+    if early.as_ref().is_some_and(Early::pending) {
+        ctx.metrics
+            .early_data
+            .get_or_create(&EarlyDataLabels {
+                direction: OUTBOUND,
+                alpn: "weft-l4",
+            })
+            .inc();
+    }
+    let result = exchange(ctx, cluster, service, addr, &conn).await;
+    let result = match (result, early) {
+        (Err(e), Some(early)) => Err(match early.outcome().await {
+            // Nothing reached the peer's app: open again after the handshake.
+            EarlyOutcome::Rejected => OpenError::EarlyRejected(e.message().to_string()),
+            EarlyOutcome::Failed(c) if c.is_refused() => {
+                super::drain::peer_draining(ctx, addr, Alpn::L4);
+                OpenError::Draining(c.to_string())
+            }
+            EarlyOutcome::Failed(c) => {
+                if c.is_unanswered() {
+                    super::drain::peer_unreachable(ctx, addr, Alpn::L4);
+                }
+                OpenError::Failed(c.to_string())
+            }
+            EarlyOutcome::Accepted => e,
+        }),
+        (r, _) => r,
+    };
+    result.map(|(send, recv)| (send, recv, peer))
+}
+
+/// Open a stream on `conn` and exchange preambles.
+async fn exchange(
+    ctx: &Arc<Ctx>,
+    cluster: &Cluster,
+    service: &str,
+    addr: std::net::SocketAddr,
+    conn: &quinn::Connection,
+) -> Result<(quinn::SendStream, quinn::RecvStream), OpenError> {
+    let connect_timeout = cluster.service.policy.connect_timeout;
     // Whether an error on this stream means the peer drains (and then
     // stop using its connection).
     let drain_error = |msg: String, reset: Option<quinn::VarInt>| {
         let draining = reset == Some(quinn::VarInt::from_u32(DRAINING))
-            || drained(&conn) == Some(Drained::Graceful);
-        if draining || drained(&conn).is_some() {
-            ctx.l4_pool.evict(addr, &conn);
+            || drained(conn) == Some(Drained::Graceful);
+        if draining || drained(conn).is_some() {
+            ctx.l4_pool.evict(addr, conn);
             super::drain::peer_draining(ctx, addr, Alpn::L4);
         }
         if draining {
@@ -345,5 +449,5 @@ async fn open(
             return Err(OpenError::Failed(msg))
         }
     }
-    Ok((send, recv, peer))
+    Ok((send, recv))
 }
