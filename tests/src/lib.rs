@@ -106,6 +106,23 @@ pub async fn sidecar(
         .expect("sidecar starts")
 }
 
+/// Start a sidecar from `cfg` on `addr`, the address of one that was just
+/// dropped: polls until the old endpoint's socket has closed and the port
+/// is free again (at most 10 s).
+pub async fn restart_on(mut cfg: SidecarConfig, addr: SocketAddr) -> Sidecar {
+    cfg.inbound = addr;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match Sidecar::start(cfg.clone()).await {
+            Ok(s) => return s,
+            Err(_) if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(e) => panic!("could not restart a sidecar on {addr}: {e}"),
+        }
+    }
+}
+
 /// The configuration [`sidecar`] starts, for tests that change more of it
 /// (a fixed inbound address, say) before starting it.
 pub fn sidecar_config(

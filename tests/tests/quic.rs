@@ -40,23 +40,6 @@ async fn endpoint(client: &Sidecar, service: &str, addr: SocketAddr) -> serde_js
         .unwrap_or_else(|| panic!("{addr} not in /clusters {service}: {clusters}"))
 }
 
-/// Start a sidecar from `cfg` on `addr`, the address of one that was just
-/// dropped: polls until the old endpoint's socket has closed and the port
-/// is free again.
-async fn restart(mut cfg: weft_proxy::SidecarConfig, addr: SocketAddr) -> Sidecar {
-    cfg.inbound = addr;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match Sidecar::start(cfg.clone()).await {
-            Ok(s) => return s,
-            Err(_) if Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(50)).await
-            }
-            Err(e) => panic!("could not restart a sidecar on {addr}: {e}"),
-        }
-    }
-}
-
 /// Two `payment` endpoints, `a` behind the relay and `b` direct, balanced
 /// round robin (so "used again" depends on the endpoint's availability,
 /// not on how fast a latency estimate decays); the client retries GETs once
@@ -163,7 +146,7 @@ async fn dead_peer_is_detected_within_the_idle_timeout_and_used_again_when_back(
         let a_addr = server_a.inbound_addr;
         drop(server_a);
         let cfg = sidecar_config(&m, ca.creds("a"), Some(app_a.addr), &[], Limits::default());
-        let _restarted = restart(cfg, a_addr).await;
+        let _restarted = restart_on(cfg, a_addr).await;
         relay.set_both(Impairment::none());
         let healed = Instant::now();
         let a_before = app_a.requests();

@@ -14,7 +14,7 @@
 //!   has expired, the peer refuses the resumption although no verifier ran.
 
 use std::net::SocketAddr;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -24,6 +24,7 @@ use weft_proxy::mesh::Mesh;
 use weft_proxy::{Limits, Sidecar};
 use weft_tests::impair::{Impairment, Relay, RelayConfig};
 use weft_tests::*;
+use weft_transport::Credentials;
 
 /// The client's failure detection: short, so a cut connection closes quickly.
 const KEEP_ALIVE: Duration = Duration::from_millis(300);
@@ -75,6 +76,56 @@ async fn cut(relay: &Relay, client: &Sidecar) {
     });
 }
 
+/// A server sidecar (from `server`, its mesh replaced) behind the relay,
+/// and a client sidecar with an upstream for `service` whose mesh points
+/// at the relay.
+struct Setup {
+    server: Sidecar,
+    /// The server's configuration, with the mesh that points at the relay.
+    server_cfg: weft_proxy::SidecarConfig,
+    relay: Relay,
+    client: Sidecar,
+    upstream: SocketAddr,
+}
+
+impl Setup {
+    async fn start(
+        mut server: weft_proxy::SidecarConfig,
+        client: Credentials,
+        service: &str,
+    ) -> Setup {
+        let sidecar_server = Sidecar::start(server.clone()).await.expect("server starts");
+        let relay = Relay::start(RelayConfig::new(sidecar_server.inbound_addr))
+            .await
+            .expect("relay");
+        let m = mesh_via(relay.addr);
+        sidecar_server.set_mesh(m.clone());
+        server.mesh = m.clone();
+        server.inbound = sidecar_server.inbound_addr;
+        let client = sidecar(&m, client, None, &[service], client_limits()).await;
+        let upstream = client.upstream_addrs[service];
+        Setup {
+            server: sidecar_server,
+            server_cfg: server,
+            relay,
+            client,
+            upstream,
+        }
+    }
+}
+
+/// The configuration of a server sidecar for `app`, named `name`.
+fn server_cfg(ca: &TestCa, name: &str, app: SocketAddr) -> weft_proxy::SidecarConfig {
+    let placeholder = mesh_via("127.0.0.1:9".parse().expect("addr"));
+    sidecar_config(
+        &placeholder,
+        ca.creds(name),
+        Some(app),
+        &[],
+        Limits::default(),
+    )
+}
+
 /// One request with `method` through the client's `payment` listener:
 /// (status, the header fields the app saw).
 async fn call(upstream: SocketAddr, method: http::Method) -> (u16, Vec<(String, String)>) {
@@ -124,29 +175,18 @@ async fn safe_requests_to_a_known_peer_go_as_early_data_and_others_wait() {
     tokio::time::timeout(Duration::from_secs(60), async {
         let ca = TestCa::new(TD);
         let (app, seen) = http_describe_app().await;
-        let placeholder = mesh_via("127.0.0.1:9".parse().expect("addr"));
-        let server = sidecar(
-            &placeholder,
-            ca.creds("payment"),
-            Some(app),
-            &[],
-            Limits::default(),
-        )
-        .await;
-        let relay = Relay::start(RelayConfig::new(server.inbound_addr))
-            .await
-            .expect("relay");
-        let m = mesh_via(relay.addr);
-        server.set_mesh(m.clone());
-        let client = sidecar(
-            &m,
+        let Setup {
+            server,
+            relay,
+            client,
+            upstream,
+            ..
+        } = Setup::start(
+            server_cfg(&ca, "payment", app),
             ca.creds("customer"),
-            None,
-            &["payment"],
-            client_limits(),
+            "payment",
         )
         .await;
-        let upstream = client.upstream_addrs["payment"];
 
         // First contact: a full handshake, which leaves session tickets.
         let (status, fields) = call(upstream, http::Method::GET).await;
@@ -183,59 +223,29 @@ async fn safe_requests_to_a_known_peer_go_as_early_data_and_others_wait() {
     .expect("test timed out");
 }
 
-/// Start a sidecar from `cfg` on `addr`, the address of one that was just
-/// dropped: polls until the old endpoint's socket has closed.
-async fn restart(mut cfg: weft_proxy::SidecarConfig, addr: SocketAddr) -> Sidecar {
-    cfg.inbound = addr;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        match Sidecar::start(cfg.clone()).await {
-            Ok(s) => return s,
-            Err(_) if Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(50)).await
-            }
-            Err(e) => panic!("could not restart a sidecar on {addr}: {e}"),
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_peer_rejects_early_data_and_the_request_is_sent_again() {
     tokio::time::timeout(Duration::from_secs(60), async {
         let ca = TestCa::new(TD);
         let (app, seen) = http_describe_app().await;
-        let placeholder = mesh_via("127.0.0.1:9".parse().expect("addr"));
-        let cfg = sidecar_config(
-            &placeholder,
-            ca.creds("payment"),
-            Some(app),
-            &[],
-            Limits::default(),
-        );
-        let server = Sidecar::start(cfg.clone()).await.expect("server starts");
-        let server_addr = server.inbound_addr;
-        let relay = Relay::start(RelayConfig::new(server_addr))
-            .await
-            .expect("relay");
-        let m = mesh_via(relay.addr);
-        server.set_mesh(m.clone());
-        let client = sidecar(
-            &m,
+        let Setup {
+            server,
+            server_cfg,
+            relay,
+            client,
+            upstream,
+        } = Setup::start(
+            server_cfg(&ca, "payment", app),
             ca.creds("customer"),
-            None,
-            &["payment"],
-            client_limits(),
+            "payment",
         )
         .await;
-        let upstream = client.upstream_addrs["payment"];
         assert_eq!(call(upstream, http::Method::GET).await.0, 200);
 
         // The peer restarts: same address and identity, empty session cache.
         cut(&relay, &client).await;
         drop(server);
-        let mut cfg = cfg;
-        cfg.mesh = m.clone();
-        let server = restart(cfg, server_addr).await;
+        let server = restart_on(server_cfg.clone(), server_cfg.inbound).await;
 
         // The mesh file gives `payment` no retry policy: only the early-data
         // resend makes this succeed.
@@ -278,22 +288,13 @@ async fn a_tcp_service_marked_early_data_opens_its_stream_with_the_first_flight(
     tokio::time::timeout(Duration::from_secs(60), async {
         let ca = TestCa::new(TD);
         let (app, _seen) = tcp_echo_app().await;
-        let placeholder = mesh_via("127.0.0.1:9".parse().expect("addr"));
-        let server = sidecar(
-            &placeholder,
-            ca.creds("echo"),
-            Some(app),
-            &[],
-            Limits::default(),
-        )
-        .await;
-        let relay = Relay::start(RelayConfig::new(server.inbound_addr))
-            .await
-            .expect("relay");
-        let m = mesh_via(relay.addr);
-        server.set_mesh(m.clone());
-        let client = sidecar(&m, ca.creds("customer"), None, &["echo"], client_limits()).await;
-        let upstream = client.upstream_addrs["echo"];
+        let Setup {
+            server,
+            relay,
+            client,
+            upstream,
+            ..
+        } = Setup::start(server_cfg(&ca, "echo", app), ca.creds("customer"), "echo").await;
         let echo = |n: usize| async move {
             let mut s = tokio::net::TcpStream::connect(upstream)
                 .await
@@ -333,25 +334,16 @@ async fn a_resumed_session_does_not_outlive_the_client_certificate() {
     tokio::time::timeout(Duration::from_secs(60), async {
         let ca = TestCa::new(TD);
         let (app, seen) = http_describe_app().await;
-        let placeholder = mesh_via("127.0.0.1:9".parse().expect("addr"));
-        let server = sidecar(
-            &placeholder,
-            ca.creds("payment"),
-            Some(app),
-            &[],
-            Limits::default(),
-        )
-        .await;
-        let relay = Relay::start(RelayConfig::new(server.inbound_addr))
-            .await
-            .expect("relay");
-        let m = mesh_via(relay.addr);
-        server.set_mesh(m.clone());
         // A certificate that expires in a few seconds, and no CA to renew it.
         let creds = ca.creds_for(&ca.id("customer"), Duration::from_secs(4));
         let not_after = weft_transport::tls::not_after_of(&creds.chain[0]).expect("not after");
-        let client = sidecar(&m, creds, None, &["payment"], client_limits()).await;
-        let upstream = client.upstream_addrs["payment"];
+        let Setup {
+            server,
+            relay,
+            client,
+            upstream,
+            ..
+        } = Setup::start(server_cfg(&ca, "payment", app), creds, "payment").await;
         assert_eq!(call(upstream, http::Method::GET).await.0, 200);
 
         cut(&relay, &client).await;
