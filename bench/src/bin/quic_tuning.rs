@@ -46,6 +46,20 @@ const CONFIGS: &[Config] = &[
         name: "GSO off",
         apply: |o| o.gso = false,
     },
+    Config {
+        // Jumbo frames (cloud networks commonly allow 9001).
+        name: "MTU discovery up to 8973",
+        apply: |o| o.mtu_upper_bound = 8973,
+    },
+    Config {
+        // The largest UDP payload: what loopback allows.
+        name: "MTU discovery up to 65527",
+        apply: |o| o.mtu_upper_bound = 65527,
+    },
+    Config {
+        name: "ACK frequency on",
+        apply: |o| o.ack_frequency = true,
+    },
 ];
 
 fn main() -> anyhow::Result<()> {
@@ -166,6 +180,13 @@ async fn transfer(client: &MeshEndpoint, addr: SocketAddr, bytes: usize) -> anyh
         "receiver counted {} of {sent}",
         u64::from_be_bytes(got)
     );
+    if std::env::var_os("WEFT_TUNING_MTU").is_some() {
+        let stats = conn.stats();
+        eprintln!(
+            "  mtu {} after {:.2} s, {} datagrams sent",
+            stats.path.current_mtu, secs, stats.udp_tx.datagrams
+        );
+    }
     conn.close(0u32.into(), b"done");
     Ok(sent as f64 / (1 << 20) as f64 / secs)
 }
