@@ -37,6 +37,10 @@ pub struct Settings {
     pub backend_threads: usize,
     pub quick: bool,
     pub weft: Option<PathBuf>,
+    /// Another weft binary, run as the `weft-http-baseline` scenario beside
+    /// `weft-http`, to measure a change as a ratio in one run.
+    #[serde(default)]
+    pub weft_baseline: Option<PathBuf>,
     pub haproxy: Option<PathBuf>,
     /// Only these proxy scenarios (empty: all).
     pub scenarios: Vec<String>,
@@ -175,6 +179,15 @@ pub fn run(settings: Settings, quiet: bool) -> anyhow::Result<Report> {
         // may take one in between, so a failed start gets a second try.
         let sc = start().or_else(|_| start());
         scenarios.push(sc.with_context(|| format!("setting up {name}"))?);
+        if let (Some(base), "weft-http") = (settings.weft_baseline.as_deref(), name) {
+            let rename = Some((
+                BASELINE,
+                "weft-http with the --weft-baseline binary (the build a change is measured against)",
+            ));
+            let start = || scenarios::weft_pair_as(&setup, Some(base), false, rename);
+            let sc = start().or_else(|_| start());
+            scenarios.push(sc.context("setting up weft-http-baseline")?);
+        }
     }
 
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -537,6 +550,9 @@ fn summarize(sc: &Scenario, idle: Vec<(f64, f64)>, runs: &[Run], settings: &Sett
     }
 }
 
+/// The scenario of `--weft-baseline`.
+pub const BASELINE: &str = "weft-http-baseline";
+
 /// The issue's targets, as ratios measured in this run.
 fn targets(summaries: &[Summary], runs: &[Run], settings: &Settings) -> Vec<Target> {
     let get = |n: &str| {
@@ -546,6 +562,18 @@ fn targets(summaries: &[Summary], runs: &[Run], settings: &Settings) -> Vec<Targ
     };
     let rps = |r: &Run| Some(http_of(r)?.rps);
     let mut out = Vec::new();
+    if get(BASELINE).is_some() {
+        // Not a target of the issue: the change being measured.
+        let ratio = paired(runs, "weft-http", BASELINE, &Test::Closed, rps, |a, b| {
+            a / b
+        });
+        out.push(Target {
+            what: "weft-http req/s vs the baseline build (closed loop)".into(),
+            goal: "> 1.0× (the change helps)".into(),
+            measured: ratio.map(|r| format!("{r:.2}×")),
+            met: ratio.map(|r| r > 1.0),
+        });
+    }
     for (other, goal) in [("haproxy-h1", 1.5), ("haproxy-h2", 1.0)] {
         let ratio = paired(runs, "weft-http", other, &Test::Closed, rps, |a, b| a / b);
         out.push(Target {

@@ -182,6 +182,10 @@ struct CompareArgs {
     /// The weft binary [default: beside weft-bench, i.e. target/{debug,release}/weft].
     #[arg(long)]
     weft: Option<PathBuf>,
+    /// Another weft binary to run beside weft-http as `weft-http-baseline`
+    /// (measure a change against the build before it, in one run).
+    #[arg(long)]
+    weft_baseline: Option<PathBuf>,
     /// The haproxy binary [default: haproxy on PATH; its scenarios are skipped without one].
     #[arg(long)]
     haproxy: Option<PathBuf>,
@@ -395,6 +399,7 @@ fn compare(a: CompareArgs) -> anyhow::Result<ExitCode> {
         backend_threads: a.backend_threads,
         quick: a.quick,
         weft,
+        weft_baseline: a.weft_baseline,
         haproxy,
         scenarios: a.scenarios,
     };

@@ -133,7 +133,20 @@ pub struct ProxySetup<'a> {
 
 /// A Weft pair: client sidecar (upstream listener) → QUIC → server sidecar → backend.
 pub fn weft_pair(setup: &ProxySetup, weft: Option<&Path>, tcp: bool) -> anyhow::Result<Scenario> {
-    let (name, description) = if tcp {
+    weft_pair_as(setup, weft, tcp, None)
+}
+
+/// [`weft_pair`] under another name (`weft-http-baseline`: the same pair
+/// with another weft binary, to compare two builds side by side).
+pub fn weft_pair_as(
+    setup: &ProxySetup,
+    weft: Option<&Path>,
+    tcp: bool,
+    rename: Option<(&'static str, &'static str)>,
+) -> anyhow::Result<Scenario> {
+    let (name, description) = if let Some(r) = rename {
+        r
+    } else if tcp {
         (
             "weft-tcp",
             "client → weft → QUIC weft-l4 stream (mTLS) → weft → backend",
