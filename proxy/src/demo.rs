@@ -340,6 +340,7 @@ async fn http_worker(url: String, worker: usize, stats: Arc<Stats>) {
         let body = format!("{{\"order\": {n}, \"worker\": {worker}, \"amount_cents\": 1299}}");
         let req = http::Request::post(&url)
             .header("content-type", "application/json")
+            .header(ORDER_ID, format!("{worker}-{n}"))
             .body(Full::new(Bytes::from(body)));
         let Ok(req) = req else { return };
         let t = Instant::now();
@@ -386,9 +387,40 @@ async fn echo_once(addr: SocketAddr, n: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The order a demo request charges, so the canary can tell a retry.
+const ORDER_ID: &str = "x-order-id";
+
+/// Orders the canary failed, newest last (bounded: a retry follows its
+/// failure within milliseconds).
+#[derive(Default)]
+struct Failed {
+    order: std::collections::VecDeque<String>,
+    set: std::collections::HashSet<String>,
+}
+
+impl Failed {
+    /// Record a failure of `id`; false if it already failed once (then it
+    /// must succeed: the canary is flaky, not broken).
+    fn first_failure(&mut self, id: &str) -> bool {
+        if self.set.contains(id) {
+            return false;
+        }
+        if self.order.len() >= 4096 {
+            if let Some(old) = self.order.pop_front() {
+                self.set.remove(&old);
+            }
+        }
+        self.order.push_back(id.to_string());
+        self.set.insert(id.to_string());
+        true
+    }
+}
+
 /// The payment app, `version` in its answers; with `fail_one_in`, every
-/// n-th request gets a 503 (a flaky canary, deterministically: a retry that
-/// follows a failure is never itself the next n-th).
+/// n-th request gets a 503 (a flaky canary) unless it is the retry of an
+/// order that already failed once. Counting arrivals alone was not enough:
+/// at several thousand requests per second a retry can itself arrive as
+/// the next n-th, and the customer saw one failure in ~8,000 canary calls.
 async fn start_payment_app(
     version: &'static str,
     fail_one_in: Option<u64>,
@@ -396,13 +428,26 @@ async fn start_payment_app(
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let count = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(std::sync::Mutex::new(Failed::default()));
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
             let count = count.clone();
+            let failed = failed.clone();
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(
                     move |req: http::Request<hyper::body::Incoming>| {
                         let n = count.fetch_add(1, Ordering::Relaxed) + 1;
+                        let fail = fail_one_in.is_some_and(|k| n.is_multiple_of(k)) && {
+                            let id = req
+                                .headers()
+                                .get(ORDER_ID)
+                                .and_then(|v| v.to_str().ok())
+                                .unwrap_or_default();
+                            failed
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .first_failure(id)
+                        };
                         async move {
                             let caller = req
                                 .headers()
@@ -416,7 +461,7 @@ async fn start_payment_app(
                                 .await
                                 .map(|b| b.to_bytes().len())
                                 .unwrap_or(0);
-                            if fail_one_in.is_some_and(|k| n.is_multiple_of(k)) {
+                            if fail {
                                 let mut resp = http::Response::new(Full::new(Bytes::from_static(
                                     b"{\"status\":\"unavailable\"}",
                                 )));
@@ -452,4 +497,23 @@ async fn start_echo_app() -> anyhow::Result<SocketAddr> {
         }
     });
     Ok(addr)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Failed;
+
+    #[test]
+    fn an_order_fails_at_most_once_and_the_memory_is_bounded() {
+        let mut f = Failed::default();
+        assert!(f.first_failure("1-7"));
+        assert!(!f.first_failure("1-7"), "its retry must succeed");
+        assert!(f.first_failure("2-7"));
+        for i in 0..5000 {
+            f.first_failure(&format!("x-{i}"));
+        }
+        assert!(f.set.len() <= 4096 && f.order.len() == f.set.len());
+        // Long forgotten: it may fail again (retries come within ms).
+        assert!(f.first_failure("1-7"));
+    }
 }
