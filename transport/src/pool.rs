@@ -276,6 +276,12 @@ impl<T: Clone + Send + Sync + 'static> Pool<T> {
         self.get_with(addr, self.zero_rtt).await
     }
 
+    /// [`Pool::get_early`] if `early_ok` (the data is safe to replay), else
+    /// [`Pool::get`]: for callers that decide per use.
+    pub async fn get_pooled(&self, addr: SocketAddr, early_ok: bool) -> DialedEarly<T> {
+        self.get_with(addr, early_ok && self.zero_rtt).await
+    }
+
     async fn get_with(&self, addr: SocketAddr, early_ok: bool) -> DialedEarly<T> {
         let slot = {
             let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());

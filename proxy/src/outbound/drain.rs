@@ -19,6 +19,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use weft_transport::pool::{Early, EarlyOutcome};
 
 use bytes::Bytes;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
@@ -99,6 +100,44 @@ pub(crate) fn watch_l4(conn: quinn::Connection, events: UnboundedSender<PeerEven
             let _ = events.send((conn.remote_address(), Alpn::L4, why));
         }
     });
+}
+
+/// Why something sent on a connection still in its 0-RTT handshake failed,
+/// when that handshake is the reason.
+pub(crate) enum EarlyFailure {
+    /// The peer rejected the early data: none of it was processed.
+    Rejected,
+    /// A draining peer refused the handshake (marked draining here).
+    Draining(String),
+    /// The handshake failed otherwise (an unanswered peer is marked
+    /// unreachable here).
+    Failed(String),
+}
+
+/// Classify a failure on a connection dialed with 0-RTT (`early`, from
+/// [`weft_transport::pool::Pooled`]): `None` if its handshake was accepted
+/// or it had none. Waits for the handshake's outcome, which the failure
+/// itself means is near.
+pub(crate) async fn early_failure(
+    ctx: &Arc<Ctx>,
+    addr: SocketAddr,
+    alpn: Alpn,
+    early: Option<&Early>,
+) -> Option<EarlyFailure> {
+    match early?.outcome().await {
+        EarlyOutcome::Accepted => None,
+        EarlyOutcome::Rejected => Some(EarlyFailure::Rejected),
+        EarlyOutcome::Failed(e) if e.is_refused() => {
+            peer_draining(ctx, addr, alpn);
+            Some(EarlyFailure::Draining(e.to_string()))
+        }
+        EarlyOutcome::Failed(e) => {
+            if e.is_unanswered() {
+                peer_unreachable(ctx, addr, alpn);
+            }
+            Some(EarlyFailure::Failed(e.to_string()))
+        }
+    }
 }
 
 /// Handle the reports of the pools' connections.

@@ -43,7 +43,7 @@ use crate::replay::ReplayBody;
 use crate::retry::{self, Failure};
 use crate::route;
 use crate::sidecar::Ctx;
-use weft_transport::pool::{drained, Drained, Early, EarlyOutcome, Pooled};
+use weft_transport::pool::{drained, Drained, Early, Pooled};
 
 type ClientRecv = h3::client::RequestStream<h3_quinn::RecvStream, Bytes>;
 
@@ -327,7 +327,7 @@ impl Tries<'_> {
         let mut drain_retried = false;
         // The one transparent retry of early data the peer did not process.
         let mut early_retried = false;
-        let safe = self.ctx.limits.zero_rtt && retry::is_safe(&self.parts.method);
+        let safe = retry::is_safe(&self.parts.method);
         loop {
             let now = Instant::now();
             let Some(ep) = balance::choose(
@@ -588,27 +588,19 @@ fn stream_response<H: Send + 'static>(sent: Sent, hold: H) -> (Response<ProxyBod
     (Response::from_parts(rparts, body::boxed(chan)), peer)
 }
 
-/// Why a request sent on a connection still in its 0-RTT handshake failed,
-/// if that handshake is the reason (`None`: it was accepted, or there was
-/// none). Waits for the handshake's outcome, which the failure itself means
-/// is near. Only safe requests are sent early, so sending one again after
-/// a failed handshake is harmless even if the peer did process it.
+/// [`super::drain::early_failure`] as the failure of a try. Only safe
+/// requests are sent early, so sending one again after a failed handshake
+/// is harmless even if the peer did process it.
 async fn early_failure(ctx: &Arc<Ctx>, addr: SocketAddr, early: Option<&Early>) -> Option<Failure> {
-    match early?.outcome().await {
-        EarlyOutcome::Accepted => None,
-        // Nothing of it reached the peer's app: again, after the handshake.
-        EarlyOutcome::Rejected => Some(Failure::EarlyData),
-        EarlyOutcome::Failed(e) if e.is_refused() => {
-            super::drain::peer_draining(ctx, addr, Alpn::H3);
-            Some(Failure::Draining)
-        }
-        EarlyOutcome::Failed(e) => {
-            if e.is_unanswered() {
-                super::drain::peer_unreachable(ctx, addr, Alpn::H3);
-            }
-            Some(Failure::ConnectFailure)
-        }
-    }
+    use super::drain::EarlyFailure;
+    Some(
+        match super::drain::early_failure(ctx, addr, Alpn::H3, early).await? {
+            // Nothing of it reached the peer's app: again, after the handshake.
+            EarlyFailure::Rejected => Failure::EarlyData,
+            EarlyFailure::Draining(_) => Failure::Draining,
+            EarlyFailure::Failed(_) => Failure::ConnectFailure,
+        },
+    )
 }
 
 /// The peer at `addr` drains: new requests go to a new connection (once it
@@ -633,18 +625,8 @@ pub(super) async fn send(
     attempt: u32,
     early_ok: bool,
 ) -> Result<Sent, TryError> {
-    let pooled = if early_ok {
-        tokio::time::timeout(connect_timeout, ctx.h3_pool.get_early(addr)).await
-    } else {
-        tokio::time::timeout(connect_timeout, async {
-            ctx.h3_pool.get(addr).await.map(|(conn, t)| Pooled {
-                conn,
-                t,
-                early: None,
-            })
-        })
-        .await
-    };
+    let pooled =
+        tokio::time::timeout(connect_timeout, ctx.h3_pool.get_pooled(addr, early_ok)).await;
     let Pooled {
         conn,
         t: (mut sender, peer),

@@ -17,7 +17,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use weft_transport::preamble;
 
-use super::drain::Alpn;
+use super::drain::{Alpn, EarlyFailure};
 use crate::balance::{self, AttemptResult, EndpointState};
 use crate::cluster::Cluster;
 use crate::metrics::{
@@ -26,7 +26,7 @@ use crate::metrics::{
 use crate::retry::{self, Failure};
 use crate::route;
 use crate::sidecar::Ctx;
-use weft_transport::pool::{drained, Drained, Early, EarlyOutcome, Pooled, DRAINING};
+use weft_transport::pool::{drained, Drained, Early, Pooled, DRAINING};
 
 /// How long the peer sidecar may take to answer a TCP stream preamble,
 /// beyond the connect timeout it is given (it connects to its app first).
@@ -291,7 +291,7 @@ async fn open(
     service: &str,
     ep: &EndpointState,
 ) -> Result<Opened, OpenError> {
-    let early_ok = ctx.limits.zero_rtt && cluster.service.policy.early_data;
+    let early_ok = cluster.service.policy.early_data;
     match open_once(ctx, cluster, service, ep, early_ok).await {
         Err(OpenError::EarlyRejected(msg)) => {
             tracing::debug!(endpoint = %ep.addr(), reason = %msg, "opening the stream again after the handshake");
@@ -318,17 +318,7 @@ async fn open_once(
 ) -> Result<Opened, OpenError> {
     let addr = ep.addr();
     let connect_timeout = cluster.service.policy.connect_timeout;
-    let get = async {
-        if early_ok {
-            ctx.l4_pool.get_early(addr).await
-        } else {
-            ctx.l4_pool.get(addr).await.map(|(conn, t)| Pooled {
-                conn,
-                t,
-                early: None,
-            })
-        }
-    };
+    let get = ctx.l4_pool.get_pooled(addr, early_ok);
     let Pooled {
         conn,
         t: peer,
@@ -362,23 +352,17 @@ async fn open_once(
             .inc();
     }
     let result = exchange(ctx, cluster, service, addr, &conn).await;
-    let result = match (result, early) {
-        (Err(e), Some(early)) => Err(match early.outcome().await {
-            // Nothing reached the peer's app: open again after the handshake.
-            EarlyOutcome::Rejected => OpenError::EarlyRejected(e.message().to_string()),
-            EarlyOutcome::Failed(c) if c.is_refused() => {
-                super::drain::peer_draining(ctx, addr, Alpn::L4);
-                OpenError::Draining(c.to_string())
-            }
-            EarlyOutcome::Failed(c) => {
-                if c.is_unanswered() {
-                    super::drain::peer_unreachable(ctx, addr, Alpn::L4);
-                }
-                OpenError::Failed(c.to_string())
-            }
-            EarlyOutcome::Accepted => e,
-        }),
-        (r, _) => r,
+    let result = match result {
+        Err(e) => Err(
+            match super::drain::early_failure(ctx, addr, Alpn::L4, early.as_ref()).await {
+                // Nothing reached the peer's app: open again after the handshake.
+                Some(EarlyFailure::Rejected) => OpenError::EarlyRejected(e.message().to_string()),
+                Some(EarlyFailure::Draining(m)) => OpenError::Draining(m),
+                Some(EarlyFailure::Failed(m)) => OpenError::Failed(m),
+                None => e,
+            },
+        ),
+        ok => ok,
     };
     result.map(|(send, recv)| (send, recv, peer))
 }
