@@ -40,6 +40,23 @@ impl Body for ChannelBody {
     }
 }
 
+/// Run a pump now if it can finish without waiting; otherwise hand it to
+/// a task of its own. Small bodies are usually in hand already (a GET's
+/// empty body, a 1 KiB response in the packet with its head), and then this
+/// saves a task, its scheduling and a wake-up per body. The first poll uses
+/// a no-op waker: a spawned task is polled again at once, with its own.
+pub fn run_or_spawn<F>(fut: F) -> Option<tokio::task::JoinHandle<()>>
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    let mut fut = Box::pin(fut);
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    match fut.as_mut().poll(&mut cx) {
+        Poll::Ready(()) => None,
+        Poll::Pending => Some(tokio::spawn(fut)),
+    }
+}
+
 /// A complete body from bytes.
 pub fn full(bytes: impl Into<Bytes>) -> ProxyBody {
     http_body_util::Full::new(bytes.into())

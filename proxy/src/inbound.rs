@@ -436,7 +436,16 @@ async fn forward_to_app(
             .insert(headers::EARLY_DATA, http::HeaderValue::from_static("1"));
     }
     let (tx, chan) = ChannelBody::new();
-    let pump = tokio::spawn(body::h3_to_channel(recv, tx));
+    let pump = body::run_or_spawn(async move {
+        if let Err(e) = body::h3_to_channel(recv, tx).await {
+            tracing::debug!(error = %e, "request body ended early");
+        }
+    });
+    let abort_pump = || {
+        if let Some(task) = &pump {
+            task.abort();
+        }
+    };
     let counter = ctx.metrics.request_bytes_of(INBOUND, service);
     let req = Request::from_parts(parts, body::counted(body::boxed(chan), counter));
     let call = ctx.app_client.request(req);
@@ -446,7 +455,7 @@ async fn forward_to_app(
             Err(_) => {
                 // Nobody waits for the answer any more: dropping the call
                 // closes the app connection, so the app can stop too.
-                pump.abort();
+                abort_pump();
                 ctx.metrics
                     .timeouts
                     .get_or_create(&crate::metrics::RouteReasonLabels {
@@ -478,7 +487,7 @@ async fn forward_to_app(
             )
         }
         Err(e) => {
-            pump.abort();
+            abort_pump();
             error_response(
                 StatusCode::BAD_GATEWAY,
                 format!("weft: cannot reach the app at {app}: {e}"),

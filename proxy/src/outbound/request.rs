@@ -307,13 +307,16 @@ pub(super) struct Sent {
     pub sender: crate::sidecar::H3Sender,
 }
 
-/// The task sending the request body; dropping this stops it, so a
-/// response that is not used (retried, or a mirror's) stops the upload too.
-pub(super) struct Upload(JoinHandle<()>);
+/// The task sending the request body (none if it was sent at once);
+/// dropping this stops it, so a response that is not used (retried, or a
+/// mirror's) stops the upload too.
+pub(super) struct Upload(Option<JoinHandle<()>>);
 
 impl Drop for Upload {
     fn drop(&mut self) {
-        self.0.abort();
+        if let Some(task) = &self.0 {
+            task.abort();
+        }
     }
 }
 
@@ -575,7 +578,7 @@ fn stream_response<H: Send + 'static>(sent: Sent, hold: H) -> (Response<ProxyBod
         upload,
         sender,
     } = sent;
-    tokio::spawn(async move {
+    body::run_or_spawn(async move {
         // The upload may still be running (the peer answered early); it,
         // `hold` and the connection handle end with the response body.
         let _hold = (hold, upload, sender);
@@ -719,7 +722,7 @@ pub(super) async fn send(
     let (mut send, mut recv) = stream.split();
     // Upload the body while waiting for the response: the peer may answer
     // before the body ends (e.g. 413), and big bodies must stream.
-    let upload = Upload(tokio::spawn(async move {
+    let upload = Upload(body::run_or_spawn(async move {
         if let Err(e) = body::body_to_h3(body, &mut send).await {
             tracing::debug!(error = %e, "request body upload ended early");
         }
