@@ -43,14 +43,24 @@ fn main() -> ExitCode {
 
 /// The tokio runtime: `weft sidecar --workers N` sets its worker threads
 /// (so benchmarks can give every proxy the same cores); otherwise one per CPU.
+/// One worker is a current-thread runtime: everything runs on the main
+/// thread, with no work-stealing queues, cross-thread wake-ups or atomics
+/// on every wake (the usual sidecar has one core's share).
 fn runtime(cmd: &Command) -> std::io::Result<tokio::runtime::Runtime> {
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    builder.enable_all();
-    if let Command::Sidecar(args) = cmd {
-        if let Some(n) = args.workers {
-            builder.worker_threads(usize::from(n));
+    let workers = match cmd {
+        Command::Sidecar(args) => args.workers,
+        _ => None,
+    };
+    let mut builder = match workers {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(usize::from(n));
+            b
         }
-    }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
+    builder.enable_all();
     builder.build()
 }
 
