@@ -272,6 +272,10 @@ impl Ctx {
         F: Future<Output = ()> + Send + 'static,
     {
         let mut drain = self.drain.clone();
+        // Boxed first: a request's future is kilobytes (4.4 KiB for an
+        // inbound h3 request), and the task would otherwise copy it whole
+        // on every move into the runtime and again to store its end state.
+        let fut = Box::pin(fut);
         tokio::spawn(async move {
             tokio::select! {
                 _ = fut => {}
