@@ -37,8 +37,9 @@ pub struct Settings {
     pub backend_threads: usize,
     pub quick: bool,
     pub weft: Option<PathBuf>,
-    /// Another weft binary, run as the `weft-http-baseline` scenario beside
-    /// `weft-http`, to measure a change as a ratio in one run.
+    /// Another weft binary, run as the `weft-http-baseline` and
+    /// `weft-tcp-baseline` scenarios beside `weft-http` and `weft-tcp`, to
+    /// measure a change as a ratio in one run.
     #[serde(default)]
     pub weft_baseline: Option<PathBuf>,
     pub haproxy: Option<PathBuf>,
@@ -179,14 +180,22 @@ pub fn run(settings: Settings, quiet: bool) -> anyhow::Result<Report> {
         // may take one in between, so a failed start gets a second try.
         let sc = start().or_else(|_| start());
         scenarios.push(sc.with_context(|| format!("setting up {name}"))?);
-        if let (Some(base), "weft-http") = (settings.weft_baseline.as_deref(), name) {
-            let rename = Some((
+        let baseline = match name {
+            "weft-http" => Some((
                 BASELINE,
                 "weft-http with the --weft-baseline binary (the build a change is measured against)",
-            ));
-            let start = || scenarios::weft_pair_as(&setup, Some(base), false, rename);
+            )),
+            "weft-tcp" => Some((
+                BASELINE_TCP,
+                "weft-tcp with the --weft-baseline binary (the build a change is measured against)",
+            )),
+            _ => None,
+        };
+        if let (Some(base), Some(rename)) = (settings.weft_baseline.as_deref(), baseline) {
+            let tcp = name == "weft-tcp";
+            let start = || scenarios::weft_pair_as(&setup, Some(base), tcp, Some(rename));
             let sc = start().or_else(|_| start());
-            scenarios.push(sc.context("setting up weft-http-baseline")?);
+            scenarios.push(sc.with_context(|| format!("setting up {}", rename.0))?);
         }
     }
 
@@ -550,8 +559,9 @@ fn summarize(sc: &Scenario, idle: Vec<(f64, f64)>, runs: &[Run], settings: &Sett
     }
 }
 
-/// The scenario of `--weft-baseline`.
+/// The scenarios of `--weft-baseline`, beside weft-http and weft-tcp.
 pub const BASELINE: &str = "weft-http-baseline";
+pub const BASELINE_TCP: &str = "weft-tcp-baseline";
 
 /// The targets, as ratios measured in this run.
 fn targets(summaries: &[Summary], runs: &[Run], settings: &Settings) -> Vec<Target> {
@@ -569,6 +579,18 @@ fn targets(summaries: &[Summary], runs: &[Run], settings: &Settings) -> Vec<Targ
         });
         out.push(Target {
             what: "weft-http req/s vs the baseline build (closed loop)".into(),
+            goal: "> 1.0× (the change helps)".into(),
+            measured: ratio.map(|r| format!("{r:.2}×")),
+            met: ratio.map(|r| r > 1.0),
+        });
+    }
+    if get(BASELINE_TCP).is_some() {
+        let bulk = |r: &Run| Some(r.bulk.as_ref()?.gbit_per_s);
+        let ratio = paired(runs, "weft-tcp", BASELINE_TCP, &Test::Bulk, bulk, |a, b| {
+            a / b
+        });
+        out.push(Target {
+            what: "weft-tcp bulk Gbit/s vs the baseline build".into(),
             goal: "> 1.0× (the change helps)".into(),
             measured: ratio.map(|r| format!("{r:.2}×")),
             met: ratio.map(|r| r > 1.0),

@@ -182,8 +182,9 @@ struct CompareArgs {
     /// The weft binary [default: beside weft-bench, i.e. target/{debug,release}/weft].
     #[arg(long)]
     weft: Option<PathBuf>,
-    /// Another weft binary to run beside weft-http as `weft-http-baseline`
-    /// (measure a change against the build before it, in one run).
+    /// Another weft binary to run beside weft-http and weft-tcp as
+    /// `weft-http-baseline` and `weft-tcp-baseline` (measure a change
+    /// against the build before it, in one run).
     #[arg(long)]
     weft_baseline: Option<PathBuf>,
     /// The haproxy binary [default: haproxy on PATH; its scenarios are skipped without one].
