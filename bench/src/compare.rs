@@ -43,6 +43,10 @@ pub struct Settings {
     #[serde(default)]
     pub weft_baseline: Option<PathBuf>,
     pub haproxy: Option<PathBuf>,
+    /// nginx as the backend instead of the built-in one (HTTP tests only:
+    /// nginx has no bulk sink).
+    #[serde(default)]
+    pub nginx: Option<PathBuf>,
     /// Only these proxy scenarios (empty: all).
     pub scenarios: Vec<String>,
 }
@@ -150,12 +154,15 @@ pub fn run(settings: Settings, quiet: bool) -> anyhow::Result<Report> {
         .context("creating a work directory")?;
     let exe = std::env::current_exe().context("finding weft-bench itself")?;
     let certs = scenarios::make_certs(work.path())?;
-    let (backend_proc, backend) = scenarios::start_backend(
-        &exe,
-        settings.body_size,
-        settings.backend_threads,
-        work.path(),
-    )?;
+    let (backend_proc, backend) = match &settings.nginx {
+        Some(nginx) => scenarios::start_nginx(nginx, settings.body_size, work.path())?,
+        None => scenarios::start_backend(
+            &exe,
+            settings.body_size,
+            settings.backend_threads,
+            work.path(),
+        )?,
+    };
     let setup = ProxySetup {
         work: work.path(),
         certs: &certs,
@@ -196,6 +203,12 @@ pub fn run(settings: Settings, quiet: bool) -> anyhow::Result<Report> {
             let start = || scenarios::weft_pair_as(&setup, Some(base), tcp, Some(rename));
             let sc = start().or_else(|_| start());
             scenarios.push(sc.with_context(|| format!("setting up {}", rename.0))?);
+        }
+    }
+    if settings.nginx.is_some() {
+        // nginx cannot swallow a raw byte stream: no bulk test.
+        for sc in &mut scenarios {
+            sc.bulk = None;
         }
     }
 
@@ -715,6 +728,11 @@ pub fn find_weft() -> Option<PathBuf> {
 
 pub fn find_haproxy() -> Option<PathBuf> {
     which("haproxy")
+}
+
+/// nginx on PATH (or in /usr/sbin), if installed.
+pub fn find_nginx() -> Option<PathBuf> {
+    which("nginx")
 }
 
 /// Write results.json, results.md and the charts into `out`.

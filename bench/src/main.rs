@@ -190,6 +190,13 @@ struct CompareArgs {
     /// The haproxy binary [default: haproxy on PATH; its scenarios are skipped without one].
     #[arg(long)]
     haproxy: Option<PathBuf>,
+    /// The backend every scenario shares: the built-in one (HTTP and the
+    /// bulk sink), or nginx (HTTP tests only; no bulk test).
+    #[arg(long, value_enum, default_value_t = BackendKind::Builtin)]
+    backend: BackendKind,
+    /// The nginx binary for `--backend nginx` [default: nginx on PATH].
+    #[arg(long)]
+    nginx: Option<PathBuf>,
     /// Only these scenarios besides direct (comma-separated; default: all):
     /// weft-http, weft-tcp, haproxy-h1, haproxy-h2, haproxy-tcp.
     #[arg(long, value_delimiter = ',')]
@@ -199,6 +206,13 @@ struct CompareArgs {
     json: bool,
     #[arg(short, long)]
     quiet: bool,
+}
+
+/// Which backend `compare` puts behind every scenario.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum BackendKind {
+    Builtin,
+    Nginx,
 }
 
 fn main() -> ExitCode {
@@ -388,6 +402,14 @@ fn compare(a: CompareArgs) -> anyhow::Result<ExitCode> {
         Some(p) => bail!("--haproxy {}: no such file", p.display()),
         None => compare::find_haproxy(),
     };
+    let nginx = match (a.backend, a.nginx) {
+        (BackendKind::Builtin, _) => None,
+        (BackendKind::Nginx, Some(p)) if p.is_file() => Some(p),
+        (BackendKind::Nginx, Some(p)) => bail!("--nginx {}: no such file", p.display()),
+        (BackendKind::Nginx, None) => Some(compare::find_nginx().context(
+            "--backend nginx: nginx not found on PATH (Debian: apt-get install nginx-light)",
+        )?),
+    };
     let settings = compare::Settings {
         rounds,
         duration_s: duration.as_secs_f64(),
@@ -402,6 +424,7 @@ fn compare(a: CompareArgs) -> anyhow::Result<ExitCode> {
         weft,
         weft_baseline: a.weft_baseline,
         haproxy,
+        nginx,
         scenarios: a.scenarios,
     };
     let report = compare::run(settings, a.quiet)?;

@@ -30,8 +30,17 @@ pub fn compare_markdown(r: &Report) -> String {
     let mut m = String::new();
     let _ = writeln!(
         m,
-        "### weft-bench compare: {} round(s) × {:.1} s per run, {} HTTP/1.1 connections, {} B responses, {} worker thread(s) per proxy\n",
-        s.rounds, s.duration_s, s.connections, s.body_size, s.workers
+        "### weft-bench compare: {} round(s) × {:.1} s per run, {} HTTP/1.1 connections, {} B responses, {} worker thread(s) per proxy, backend: {}\n",
+        s.rounds,
+        s.duration_s,
+        s.connections,
+        s.body_size,
+        s.workers,
+        if s.nginx.is_some() {
+            "nginx (no bulk test)"
+        } else {
+            "built-in"
+        }
     );
     let _ = writeln!(
         m,

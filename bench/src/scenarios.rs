@@ -107,6 +107,84 @@ pub fn start_backend(
     Ok((p, addr))
 }
 
+/// Start nginx as the HTTP backend instead: one process (no master, so the
+/// PID measured and killed is the one serving), a `body_size`-byte file
+/// for every path, no logs. It has no `SINK` mode, so it serves the HTTP
+/// tests only.
+pub fn start_nginx(
+    nginx: &Path,
+    body_size: usize,
+    work: &Path,
+) -> anyhow::Result<(Proc, SocketAddr)> {
+    let dir = work.join("nginx");
+    let www = dir.join("www");
+    std::fs::create_dir_all(dir.join("tmp"))?;
+    std::fs::create_dir_all(&www)?;
+    std::fs::write(www.join("body"), vec![b'w'; body_size])?;
+    let addr = SocketAddr::from(([127, 0, 0, 1], free_tcp_port()?));
+    let d = dir.display();
+    let conf = format!(
+        r#"daemon off;
+master_process off;
+worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    default_type application/octet-stream;
+    sendfile on;
+    tcp_nodelay on;
+    keepalive_timeout 300s;
+    keepalive_requests 100000000;
+    client_body_temp_path {d}/tmp/body;
+    proxy_temp_path {d}/tmp/proxy;
+    server {{
+        listen {addr} backlog=4096;
+        root {www};
+        location / {{ try_files /body =404; }}
+    }}
+}}
+"#,
+        www = www.display()
+    );
+    let path = dir.join("nginx.conf");
+    std::fs::write(&path, conf)?;
+    let args = |cmd: &mut Command| {
+        cmd.arg("-p")
+            .arg(&dir)
+            .arg("-e")
+            .arg(dir.join("error.log"))
+            .arg("-c")
+            .arg(&path);
+    };
+    let mut check = Command::new(nginx);
+    args(&mut check);
+    let out = check
+        .arg("-t")
+        .arg("-q")
+        .output()
+        .with_context(|| format!("running {}", nginx.display()))?;
+    if !out.status.success() {
+        bail!(
+            "nginx rejects {}:\n{}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let mut cmd = Command::new(nginx);
+    args(&mut cmd);
+    let mut p = Proc::spawn("backend (nginx)", &mut cmd, &dir.join("stderr.log"))?;
+    if !wait_listening(addr, START_TIMEOUT, || p.alive()) {
+        bail!(
+            "nginx is not listening on {addr}; {}:\n{}",
+            dir.join("error.log").display(),
+            std::fs::read_to_string(dir.join("error.log")).unwrap_or_default()
+        );
+    }
+    Ok((p, addr))
+}
+
 /// `key=value` from a space-separated line.
 fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
     line.split_whitespace().find_map(|w| w.strip_prefix(key))

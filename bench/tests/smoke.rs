@@ -134,6 +134,52 @@ fn compare_quick_produces_every_scenario_and_file() {
     assert!(again.join("throughput.svg").is_file());
 }
 
+/// `--backend nginx`: the same comparison in front of nginx (one process,
+/// generated config). The warm-up already checks that every response has
+/// the configured body size, so the numbers are nginx's answers.
+#[test]
+fn compare_quick_with_nginx_as_the_backend() {
+    let nginx = ["/usr/sbin/nginx", "/usr/bin/nginx"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).is_file())
+        .expect("nginx is not installed (.ci/run installs nginx-light)");
+    let out = tempfile::tempdir().expect("temp dir");
+    let output = Command::new(env!("CARGO_BIN_EXE_weft-bench"))
+        .args(["compare", "--quick", "--quiet", "--backend", "nginx"])
+        .args(["--nginx", nginx, "--body-size", "700"])
+        .args(["--scenarios", "weft-http,haproxy-h1", "--out"])
+        .arg(out.path())
+        .arg("--weft")
+        .arg(weft_binary())
+        .output()
+        .expect("running weft-bench compare");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "weft-bench compare --backend nginx failed ({}):\n{stdout}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("backend: nginx"), "{stdout}");
+    let json = std::fs::read_to_string(out.path().join("results.json")).expect("results.json");
+    let report: Value = serde_json::from_str(&json).expect("results.json is JSON");
+    assert_eq!(report["settings"]["nginx"], nginx, "{report}");
+    let scenarios = report["scenarios"].as_array().expect("scenarios");
+    let names: Vec<&str> = scenarios
+        .iter()
+        .filter_map(|s| s["name"].as_str())
+        .collect();
+    assert_eq!(names, ["direct", "weft-http", "haproxy-h1"]);
+    for s in scenarios {
+        let name = s["name"].as_str().unwrap_or("?");
+        assert!(s["skipped"].is_null(), "{name}: {s}");
+        assert!(s["closed_rps"].as_f64().unwrap_or(0.0) > 0.0, "{name}: {s}");
+        // nginx has no sink for raw bytes: no bulk test anywhere.
+        assert!(s["bulk_gbit_per_s"].is_null(), "{name}: {s}");
+        assert_eq!(s["errors"].as_u64(), Some(0), "{name}: {s}");
+    }
+}
+
 #[test]
 fn scale_holds_every_stream_and_peer_and_reports_memory() {
     let output = Command::new(env!("CARGO_BIN_EXE_weft-bench"))
