@@ -15,8 +15,9 @@ use crate::scenarios::{self, HaproxyMode, ProxySetup, Scenario};
 use crate::stats::{median, Latency};
 
 /// The scenarios besides `direct` (which always runs: everything is compared with it).
-pub const PROXY_SCENARIOS: [&str; 5] = [
+pub const PROXY_SCENARIOS: [&str; 6] = [
     "weft-http",
+    "weft-http-policy",
     "weft-tcp",
     "haproxy-h1",
     "haproxy-h2",
@@ -178,6 +179,7 @@ pub fn run(settings: Settings, quiet: bool) -> anyhow::Result<Report> {
         }
         let start = || match name {
             "weft-http" => scenarios::weft_pair(&setup, weft, false),
+            "weft-http-policy" => scenarios::weft_policy_pair(&setup, weft),
             "weft-tcp" => scenarios::weft_pair(&setup, weft, true),
             "haproxy-h1" => scenarios::haproxy_pair(&setup, haproxy, HaproxyMode::Http1),
             "haproxy-h2" => scenarios::haproxy_pair(&setup, haproxy, HaproxyMode::Http2),
@@ -200,7 +202,7 @@ pub fn run(settings: Settings, quiet: bool) -> anyhow::Result<Report> {
         };
         if let (Some(base), Some(rename)) = (settings.weft_baseline.as_deref(), baseline) {
             let tcp = name == "weft-tcp";
-            let start = || scenarios::weft_pair_as(&setup, Some(base), tcp, Some(rename));
+            let start = || scenarios::weft_pair_as(&setup, Some(base), tcp, Some(rename), "");
             let sc = start().or_else(|_| start());
             scenarios.push(sc.with_context(|| format!("setting up {}", rename.0))?);
         }
@@ -607,6 +609,23 @@ fn targets(summaries: &[Summary], runs: &[Run], settings: &Settings) -> Vec<Targ
             goal: "> 1.0× (the change helps)".into(),
             measured: ratio.map(|r| format!("{r:.2}×")),
             met: ratio.map(|r| r > 1.0),
+        });
+    }
+    if get("weft-http-policy").is_some() {
+        // Not a target of the issue: what the traffic policies cost.
+        let ratio = paired(
+            runs,
+            "weft-http-policy",
+            "weft-http",
+            &Test::Closed,
+            rps,
+            |a, b| a / b,
+        );
+        out.push(Target {
+            what: "weft-http-policy req/s vs weft-http (what the policies cost)".into(),
+            goal: "– (measured, no target)".into(),
+            measured: ratio.map(|r| format!("{r:.2}×")),
+            met: None,
         });
     }
     for (other, goal) in [("haproxy-h1", 1.5), ("haproxy-h2", 1.0)] {

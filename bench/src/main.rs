@@ -198,7 +198,7 @@ struct CompareArgs {
     #[arg(long)]
     nginx: Option<PathBuf>,
     /// Only these scenarios besides direct (comma-separated; default: all):
-    /// weft-http, weft-tcp, haproxy-h1, haproxy-h2, haproxy-tcp.
+    /// weft-http, weft-http-policy, weft-tcp, haproxy-h1, haproxy-h2, haproxy-tcp.
     #[arg(long, value_delimiter = ',')]
     scenarios: Vec<String>,
     /// Print the JSON report on stdout instead of the markdown table.

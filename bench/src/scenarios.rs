@@ -211,7 +211,46 @@ pub struct ProxySetup<'a> {
 
 /// A Weft pair: client sidecar (upstream listener) → QUIC → server sidecar → backend.
 pub fn weft_pair(setup: &ProxySetup, weft: Option<&Path>, tcp: bool) -> anyhow::Result<Scenario> {
-    weft_pair_as(setup, weft, tcp, None)
+    weft_pair_as(setup, weft, tcp, None, "")
+}
+
+/// The traffic policies of `weft-http-policy`: every one that a request
+/// passes through, none that fires on the benchmark's requests. Route
+/// matching falls through a header route to a path-and-method route with
+/// a timeout, a retry policy (and the service's retry budget) and a fault
+/// rule for marked requests; every request takes a circuit-breaker slot
+/// and reports its result to outlier detection.
+pub const POLICIES: &str = r#"
+[services.bench.circuit_breaker]
+max_requests = 1024
+max_pending = 1024
+
+[services.bench.outlier_detection]
+consecutive_5xx = 5
+
+[services.bench.retry_budget]
+ratio = 0.2
+
+[[services.bench.routes]]
+name = "canary"
+match = { headers = { "x-canary" = "1" } }
+fault = { abort = { percent = 100, status = 503 } }
+
+[[services.bench.routes]]
+name = "api"
+match = { path_prefix = "/", methods = ["GET", "HEAD"] }
+timeout = "10s"
+retries = { attempts = 2, per_try_timeout = "5s", on = ["5xx", "connect-failure", "reset"] }
+fault = { delay = { percent = 100, duration = "1s" }, headers = { "x-chaos" = "1" } }
+"#;
+
+/// weft-http with [`POLICIES`].
+pub fn weft_policy_pair(setup: &ProxySetup, weft: Option<&Path>) -> anyhow::Result<Scenario> {
+    let rename = Some((
+        "weft-http-policy",
+        "weft-http with routes, timeout, retries and budget, circuit breaker, outlier detection, fault rule",
+    ));
+    weft_pair_as(setup, weft, false, rename, POLICIES)
 }
 
 /// [`weft_pair`] under another name (`weft-http-baseline`: the same pair
@@ -221,6 +260,7 @@ pub fn weft_pair_as(
     weft: Option<&Path>,
     tcp: bool,
     rename: Option<(&'static str, &'static str)>,
+    mesh_extra: &str,
 ) -> anyhow::Result<Scenario> {
     let (name, description) = if let Some(r) = rename {
         r
@@ -250,7 +290,7 @@ pub fn weft_pair_as(
     std::fs::write(
         &mesh,
         format!(
-            "trust_domain = \"{TRUST_DOMAIN}\"\n\n[services.bench]\nprotocol = \"{}\"\nendpoints = [\"{inbound}\"]\n",
+            "trust_domain = \"{TRUST_DOMAIN}\"\n\n[services.bench]\nprotocol = \"{}\"\nendpoints = [\"{inbound}\"]\n{mesh_extra}",
             if tcp { "tcp" } else { "http" }
         ),
     )?;

@@ -54,6 +54,7 @@ fn compare_quick_produces_every_scenario_and_file() {
         [
             "direct",
             "weft-http",
+            "weft-http-policy",
             "weft-tcp",
             "haproxy-h1",
             "haproxy-h2",
