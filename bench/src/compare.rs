@@ -587,29 +587,28 @@ fn targets(summaries: &[Summary], runs: &[Run], settings: &Settings) -> Vec<Targ
     };
     let rps = |r: &Run| Some(http_of(r)?.rps);
     let mut out = Vec::new();
+    // Not targets of the issue: a change measured against the build before it.
+    let helps = |what: &str, ratio: Option<f64>| Target {
+        what: what.into(),
+        goal: "> 1.0× (the change helps)".into(),
+        measured: ratio.map(|r| format!("{r:.2}×")),
+        met: ratio.map(|r| r > 1.0),
+    };
     if get(BASELINE).is_some() {
-        // Not a target of the issue: the change being measured.
         let ratio = paired(runs, "weft-http", BASELINE, &Test::Closed, rps, |a, b| {
             a / b
         });
-        out.push(Target {
-            what: "weft-http req/s vs the baseline build (closed loop)".into(),
-            goal: "> 1.0× (the change helps)".into(),
-            measured: ratio.map(|r| format!("{r:.2}×")),
-            met: ratio.map(|r| r > 1.0),
-        });
+        out.push(helps(
+            "weft-http req/s vs the baseline build (closed loop)",
+            ratio,
+        ));
     }
     if get(BASELINE_TCP).is_some() {
         let bulk = |r: &Run| Some(r.bulk.as_ref()?.gbit_per_s);
         let ratio = paired(runs, "weft-tcp", BASELINE_TCP, &Test::Bulk, bulk, |a, b| {
             a / b
         });
-        out.push(Target {
-            what: "weft-tcp bulk Gbit/s vs the baseline build".into(),
-            goal: "> 1.0× (the change helps)".into(),
-            measured: ratio.map(|r| format!("{r:.2}×")),
-            met: ratio.map(|r| r > 1.0),
-        });
+        out.push(helps("weft-tcp bulk Gbit/s vs the baseline build", ratio));
     }
     if get("weft-http-policy").is_some() {
         // Not a target of the issue: what the traffic policies cost.

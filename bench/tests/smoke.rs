@@ -23,22 +23,32 @@ fn weft_binary() -> PathBuf {
     path
 }
 
+/// Run a weft-bench command; its stdout, after checking it succeeded.
+fn succeed(cmd: &mut Command) -> String {
+    let output = cmd.output().expect("running weft-bench");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "{cmd:?} failed ({}):\n{stdout}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
+
+fn bench() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_weft-bench"))
+}
+
 #[test]
 fn compare_quick_produces_every_scenario_and_file() {
     let out = tempfile::tempdir().expect("temp dir");
-    let output = Command::new(env!("CARGO_BIN_EXE_weft-bench"))
-        .args(["compare", "--quick", "--quiet", "--out"])
-        .arg(out.path())
-        .arg("--weft")
-        .arg(weft_binary())
-        .output()
-        .expect("running weft-bench compare");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "weft-bench compare --quick failed ({}):\n{stdout}\n{stderr}",
-        output.status
+    let stdout = succeed(
+        bench()
+            .args(["compare", "--quick", "--quiet", "--out"])
+            .arg(out.path())
+            .arg("--weft")
+            .arg(weft_binary()),
     );
     assert!(stdout.contains("| weft-http |"), "{stdout}");
 
@@ -122,14 +132,13 @@ fn compare_quick_produces_every_scenario_and_file() {
 
     // The charts can be redrawn from the JSON alone.
     let again = out.path().join("again");
-    let status = Command::new(env!("CARGO_BIN_EXE_weft-bench"))
-        .arg("charts")
-        .arg(out.path().join("results.json"))
-        .arg("--out")
-        .arg(&again)
-        .status()
-        .expect("running weft-bench charts");
-    assert!(status.success());
+    succeed(
+        bench()
+            .arg("charts")
+            .arg(out.path().join("results.json"))
+            .arg("--out")
+            .arg(&again),
+    );
     let redrawn = std::fs::read_to_string(again.join("results.md")).expect("redrawn results.md");
     assert_eq!(redrawn, md);
     assert!(again.join("throughput.svg").is_file());
@@ -145,21 +154,14 @@ fn compare_quick_with_nginx_as_the_backend() {
         .find(|p| std::path::Path::new(p).is_file())
         .expect("nginx is not installed (.ci/run installs nginx-light)");
     let out = tempfile::tempdir().expect("temp dir");
-    let output = Command::new(env!("CARGO_BIN_EXE_weft-bench"))
-        .args(["compare", "--quick", "--quiet", "--backend", "nginx"])
-        .args(["--nginx", nginx, "--body-size", "700"])
-        .args(["--scenarios", "weft-http,haproxy-h1", "--out"])
-        .arg(out.path())
-        .arg("--weft")
-        .arg(weft_binary())
-        .output()
-        .expect("running weft-bench compare");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "weft-bench compare --backend nginx failed ({}):\n{stdout}\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
+    let stdout = succeed(
+        bench()
+            .args(["compare", "--quick", "--quiet", "--backend", "nginx"])
+            .args(["--nginx", nginx, "--body-size", "700"])
+            .args(["--scenarios", "weft-http,haproxy-h1", "--out"])
+            .arg(out.path())
+            .arg("--weft")
+            .arg(weft_binary()),
     );
     assert!(stdout.contains("backend: nginx"), "{stdout}");
     let json = std::fs::read_to_string(out.path().join("results.json")).expect("results.json");
@@ -183,25 +185,18 @@ fn compare_quick_with_nginx_as_the_backend() {
 
 #[test]
 fn scale_holds_every_stream_and_peer_and_reports_memory() {
-    let output = Command::new(env!("CARGO_BIN_EXE_weft-bench"))
-        .args([
-            "scale",
-            "--streams",
-            "60",
-            "--peers",
-            "8",
-            "--json",
-            "--weft",
-        ])
-        .arg(weft_binary())
-        .output()
-        .expect("running weft-bench scale");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "weft-bench scale failed ({}):\n{stdout}\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
+    let stdout = succeed(
+        bench()
+            .args([
+                "scale",
+                "--streams",
+                "60",
+                "--peers",
+                "8",
+                "--json",
+                "--weft",
+            ])
+            .arg(weft_binary()),
     );
     let r: Value = serde_json::from_str(&stdout).expect("scale JSON");
     assert_eq!(r["streams_live"], 60, "{r}");
