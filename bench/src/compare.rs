@@ -585,57 +585,66 @@ fn targets(summaries: &[Summary], runs: &[Run], settings: &Settings) -> Vec<Targ
             .iter()
             .find(|s| s.name == n && s.skipped.is_none())
     };
-    let rps = |r: &Run| Some(http_of(r)?.rps);
+    // Medians of per-round ratios: closed-loop req/s and bulk Gbit/s.
+    let rps_ratio = |a: &str, b: &str| {
+        paired(
+            runs,
+            a,
+            b,
+            &Test::Closed,
+            |r| Some(http_of(r)?.rps),
+            |x, y| x / y,
+        )
+    };
+    let bulk_ratio = |a: &str, b: &str| {
+        paired(
+            runs,
+            a,
+            b,
+            &Test::Bulk,
+            |r| Some(r.bulk.as_ref()?.gbit_per_s),
+            |x, y| x / y,
+        )
+    };
+    let times = |ratio: Option<f64>| ratio.map(|r| format!("{r:.2}×"));
     let mut out = Vec::new();
     // Not targets of the issue: a change measured against the build before it.
     let helps = |what: &str, ratio: Option<f64>| Target {
         what: what.into(),
         goal: "> 1.0× (the change helps)".into(),
-        measured: ratio.map(|r| format!("{r:.2}×")),
+        measured: times(ratio),
         met: ratio.map(|r| r > 1.0),
     };
     if get(BASELINE).is_some() {
-        let ratio = paired(runs, "weft-http", BASELINE, &Test::Closed, rps, |a, b| {
-            a / b
-        });
         out.push(helps(
             "weft-http req/s vs the baseline build (closed loop)",
-            ratio,
+            rps_ratio("weft-http", BASELINE),
         ));
     }
     if get(BASELINE_TCP).is_some() {
-        let bulk = |r: &Run| Some(r.bulk.as_ref()?.gbit_per_s);
-        let ratio = paired(runs, "weft-tcp", BASELINE_TCP, &Test::Bulk, bulk, |a, b| {
-            a / b
-        });
-        out.push(helps("weft-tcp bulk Gbit/s vs the baseline build", ratio));
+        out.push(helps(
+            "weft-tcp bulk Gbit/s vs the baseline build",
+            bulk_ratio("weft-tcp", BASELINE_TCP),
+        ));
     }
     if get("weft-http-policy").is_some() {
         // Not a target of the issue: what the traffic policies cost.
-        let ratio = paired(
-            runs,
-            "weft-http-policy",
-            "weft-http",
-            &Test::Closed,
-            rps,
-            |a, b| a / b,
-        );
         out.push(Target {
             what: "weft-http-policy req/s vs weft-http (what the policies cost)".into(),
             goal: "– (measured, no target)".into(),
-            measured: ratio.map(|r| format!("{r:.2}×")),
+            measured: times(rps_ratio("weft-http-policy", "weft-http")),
             met: None,
         });
     }
     for (other, goal) in [("haproxy-h1", 1.5), ("haproxy-h2", 1.0)] {
-        let ratio = paired(runs, "weft-http", other, &Test::Closed, rps, |a, b| a / b);
+        let ratio = rps_ratio("weft-http", other);
         out.push(Target {
             what: format!(
                 "weft-http req/s vs {other} ({} connections, {} B responses)",
                 settings.connections, settings.body_size
             ),
             goal: format!("≥ {goal:.1}×"),
-            measured: ratio.map(|r| format!("{r:.2}×")),
+            measured: times(ratio),
             met: ratio.map(|r| r >= goal),
         });
     }
@@ -656,19 +665,11 @@ fn targets(summaries: &[Summary], runs: &[Run], settings: &Settings) -> Vec<Targ
             met: added.map(|a| a <= 0.4),
         });
     }
-    let bulk = |r: &Run| Some(r.bulk.as_ref()?.gbit_per_s);
-    let ratio = paired(
-        runs,
-        "weft-tcp",
-        "haproxy-tcp",
-        &Test::Bulk,
-        bulk,
-        |a, b| a / b,
-    );
+    let ratio = bulk_ratio("weft-tcp", "haproxy-tcp");
     out.push(Target {
         what: "weft-tcp bulk Gbit/s vs haproxy-tcp".into(),
         goal: "≥ 1.0×".into(),
-        measured: ratio.map(|r| format!("{r:.2}×")),
+        measured: times(ratio),
         met: ratio.map(|r| r >= 1.0),
     });
     if let Some(s) = get("weft-http") {
